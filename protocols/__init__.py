@@ -1,0 +1,1 @@
+"""The public wire of Tessera: message schema, ZMQ client SDK, OpenAI HTTP adapter, offline API."""
