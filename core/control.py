@@ -31,9 +31,3 @@ class ActorReady(Record):
 class ActorFailed(Record):
     actor: str
     error: str
-
-
-@wire("stop")
-@dataclass
-class Stop(Record):
-    reason: str = ""

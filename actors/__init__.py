@@ -1,0 +1,1 @@
+"""The engine's stages, one file each: gateway, tokenizer, scheduler, executor, detokenizer."""

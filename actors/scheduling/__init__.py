@@ -1,0 +1,1 @@
+"""Pure-Python scheduling: the KV block pool with prefix caching, request state, step planning."""

@@ -1,0 +1,183 @@
+"""The supervisor: starts every actor as its own process, watches heartbeats, stops them all.
+
+Stages start in groups (executors first, since their KV pool decides the engine's limits); what a
+group reports when ready is handed to the next. Stateless stages are restarted when they die.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import orjson
+import zmq
+
+from core.addresses import Addresses, make_addresses
+from core.actor import ActorSpec
+from core.codec import CodecError, decode, encode
+from core.config import EngineConfig
+from core.control import ActorFailed, ActorReady, Heartbeat
+from core.logging import setup_logging
+
+
+@dataclass
+class StageGroup:
+    """Actors started together; `restartable` ones are respawned if they die."""
+
+    specs: list[ActorSpec]
+    restartable: bool = False
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+class Supervisor:
+    def __init__(self, config: EngineConfig, groups: list[StageGroup]) -> None:
+        self.config = config
+        self.groups = groups
+        self.log = setup_logging("supervisor", config.log_level)
+        self._own_run_dir = not config.run_dir
+        if self._own_run_dir:
+            config.run_dir = tempfile.mkdtemp(prefix="tessera-")
+        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+        os.chmod(config.run_dir, 0o700)
+        n_detok = sum(1 for g in groups for s in g.specs if s.name.startswith("detokenizer"))
+        n_ranks = sum(1 for g in groups for s in g.specs if s.name.startswith("executor"))
+        self.addresses: Addresses = make_addresses(
+            config.transport, config.run_dir, max(n_ranks, 1), max(n_detok, 1),
+            config.tcp_host, config.tcp_base_port,
+        )
+        self.spec_file = os.path.join(config.run_dir, "engine.json")
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.specs: dict[str, ActorSpec] = {}
+        self.restartable: set[str] = set()
+        self.last_beat: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+        self.engine_info: dict = {}
+        self.stopping = False
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.PULL)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(self.addresses.control)
+
+    # ------------------------------------------------------------------ processes
+    def _write_spec_file(self) -> None:
+        data = {
+            "config": asdict(self.config),
+            "addresses": self.addresses.to_dict(),
+            "actors": {name: asdict(spec) for name, spec in self.specs.items()},
+        }
+        tmp = self.spec_file + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(data))
+        os.replace(tmp, self.spec_file)
+
+    def _spawn(self, name: str) -> None:
+        cmd = [sys.executable, "-m", "core.actor", self.spec_file, name]
+        self.procs[name] = subprocess.Popen(cmd, start_new_session=False)
+        self.last_beat[name] = time.monotonic()
+
+    def _start_group(self, group: StageGroup) -> None:
+        for spec in group.specs:
+            spec.engine_info = dict(self.engine_info)
+            self.specs[spec.name] = spec
+            if group.restartable:
+                self.restartable.add(spec.name)
+        self._write_spec_file()
+        pending = {s.name for s in group.specs}
+        for name in pending:
+            self._spawn(name)
+        while pending:
+            record = self._recv(timeout_s=0.5)
+            if isinstance(record, ActorReady) and record.actor in pending:
+                pending.discard(record.actor)
+                self.engine_info.update(record.info)
+                self.log.info("actor ready", name=record.actor, pid=record.pid)
+            elif isinstance(record, ActorFailed):
+                raise EngineFailed(f"{record.actor} failed to start: {record.error}")
+            if self.stopping:
+                raise EngineFailed("interrupted during start-up")
+            for name in pending:
+                code = self.procs[name].poll()
+                if code is not None:
+                    raise EngineFailed(f"{name} exited with code {code} during start-up")
+
+    def _recv(self, timeout_s: float) -> object | None:
+        if not self.control.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.control.recv_multipart()
+        try:
+            record = decode(frames)
+        except CodecError:
+            return None
+        if isinstance(record, (Heartbeat, ActorReady)):
+            self.last_beat[record.actor] = time.monotonic()
+        return record
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> dict:
+        """Start every group in order; returns the merged readiness info."""
+        for group in self.groups:
+            self._start_group(group)
+        notify = self.ctx.socket(zmq.PUSH)
+        notify.setsockopt(zmq.LINGER, 1000)
+        notify.connect(self.addresses.gateway)
+        notify.send_multipart(encode(ActorReady(actor="engine", pid=os.getpid(),
+                                                info=self.engine_info)))
+        notify.close()
+        with open(os.path.join(self.config.run_dir, "front"), "w") as f:
+            f.write(self.addresses.front)
+        return self.engine_info
+
+    def watch(self) -> int:
+        """Keep the engine alive until a signal or an unrecoverable death; returns an exit code."""
+        while not self.stopping:
+            self._recv(timeout_s=0.5)
+            now = time.monotonic()
+            for name, proc in list(self.procs.items()):
+                code = proc.poll()
+                stale = now - self.last_beat.get(name, now) > self.config.heartbeat_timeout_s
+                if code is None and not stale:
+                    continue
+                why = f"exited with code {code}" if code is not None else "stopped heartbeating"
+                if name not in self.restartable or self.restarts.get(name, 0) >= 5:
+                    self.log.error("stage lost; shutting the engine down", name=name, why=why)
+                    return 1
+                self.log.warning("restarting stage", name=name, why=why)
+                if code is None:
+                    proc.kill()
+                    proc.wait()
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._spawn(name)
+        return 0
+
+    def shutdown(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.control.close(linger=0)
+        self.ctx.term()
+        if self._own_run_dir:
+            shutil.rmtree(self.config.run_dir, ignore_errors=True)
+        else:
+            for entry in os.listdir(self.config.run_dir):
+                if entry.endswith(".sock") or entry in ("front", "engine.json"):
+                    os.unlink(os.path.join(self.config.run_dir, entry))
+        self.log.info("engine stopped")
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True

@@ -1,0 +1,48 @@
+"""Platform interface: what the engine needs from a device backend (cpu, cuda, npu, tpu).
+
+The executor asks its Platform for the torch device, dtype, free memory and distributed backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Platform(ABC):
+    """One accelerator family. Subclasses live one per file; only they touch vendor modules."""
+
+    name: str = ""
+
+    @abstractmethod
+    def is_available(self) -> bool:
+        """True when this backend can run here (vendor module importable and a device present)."""
+
+    def torch_device(self, rank: int = 0) -> torch.device:
+        """The device a tensor-parallel rank runs on (accelerators: one card per rank)."""
+        return torch.device(self.name, rank)
+
+    @abstractmethod
+    def default_dtype(self) -> torch.dtype:
+        """The dtype `--dtype auto` resolves to on this backend."""
+
+    @abstractmethod
+    def memory_free_bytes(self, device: torch.device) -> int:
+        """Bytes that can still be allocated on `device`; sizes the paged KV cache."""
+
+    def synchronize(self, device: torch.device) -> None:  # noqa: B027 - no-op by default
+        """Wait for all queued work on `device` (no-op where execution is synchronous)."""
+
+    @abstractmethod
+    def distributed_backend(self) -> str:
+        """The torch.distributed backend name for tensor parallelism on this platform."""
+
+    def set_threads(self, n: int) -> None:  # noqa: B027 - no-op by default
+        """Set intra-op CPU threads (meaningful on cpu only)."""
+
+    def empty_cache(self) -> None:  # noqa: B027 - no-op by default
+        """Return cached allocator blocks to the device (no-op where there is no cache)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

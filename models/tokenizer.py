@@ -1,0 +1,337 @@
+"""Text tokenizer: loads a checkpoint's tokenizer (HF folder or GGUF file) and its chat template.
+The tokenizer stage uses it to render and encode prompts; the detokenizer stage uses it to decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from models.chat_template import render_chat_template
+
+_TEXT_PART = "text"
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template that go with it."""
+
+    def __init__(
+        self,
+        hf: Tokenizer,
+        *,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str | None] | None = None,
+        extra_eos_ids: list[int] | None = None,
+    ) -> None:
+        self.hf = hf
+        self.chat_template = chat_template
+        # bos_token / eos_token / unk_token / pad_token strings, as templates see them.
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        bos = self.special_tokens.get("bos_token")
+        self.bos_token_id: int | None = hf.token_to_id(bos) if bos is not None else None
+        eos_ids: list[int] = []
+        eos = self.special_tokens.get("eos_token")
+        eos_id = hf.token_to_id(eos) if eos is not None else None
+        for i in ([eos_id] if eos_id is not None else []) + list(extra_eos_ids or []):
+            if i not in eos_ids:
+                eos_ids.append(i)
+        self.eos_token_ids: list[int] = eos_ids
+        self.all_special_ids: set[int] = {
+            i for i, tok in hf.get_added_tokens_decoder().items() if tok.special
+        }
+
+    @classmethod
+    def load(cls, path: str) -> TextTokenizer:
+        """From an HF checkpoint folder, or from a `.gguf` file."""
+        p = Path(path)
+        if p.is_file():
+            return _load_gguf(p)
+        if not p.is_dir():
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        return _load_folder(p)
+
+    # ---- encode / decode -------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(token_id)
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        if not self.chat_template:
+            raise ValueError(
+                "this checkpoint has no chat template; send a plain prompt (completions) instead"
+            )
+        _validate_messages(messages)
+        context = {**self.special_tokens, **kwargs}
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, **context)
+
+
+def flatten_text_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of `messages` whose list-of-parts content is joined into one string (text models)."""
+    flat = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != _TEXT_PART:
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ValueError(
+                        f"this model takes text only, got a content part of type {kind!r}"
+                    )
+                texts.append(str(part.get("text", "")))
+            message = {**message, "content": "\n".join(texts)}
+        flat.append(message)
+    return flat
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{n}] must be an object, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{n}] has no string 'role'")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(f"messages[{n}].content must be a string or a list of parts")
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError(f"messages[{n}].content[{k}] must be an object with a 'type'")
+
+
+# ---- HF checkpoint folder ------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json writes a special token as a string or as a serialized AddedToken.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _eos_ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def _pick_template(value: Any) -> str | None:
+    # A config may hold several named templates; "default" is the one chat uses.
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default", next(iter(named.values()), None))
+    return value if isinstance(value, str) else None
+
+
+def _folder_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    from_json = _pick_template(_read_json(folder / "chat_template.json").get("chat_template"))
+    return from_json or _pick_template(config.get("chat_template"))
+
+
+def _set_bos_eos(
+    hf: Tokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool
+) -> None:
+    """Install the post-processor that adds BOS/EOS as the config asks (as transformers does)."""
+    add_bos = add_bos and bos is not None and hf.token_to_id(bos) is not None
+    add_eos = add_eos and eos is not None and hf.token_to_id(eos) is not None
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = (
+        f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    )
+    special = [(t, hf.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    hf.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
+
+
+def _load_folder(folder: Path) -> TextTokenizer:
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json")
+    hf = Tokenizer.from_file(str(tokenizer_file))
+    config = _read_json(folder / "tokenizer_config.json")
+    special = {
+        name: _token_text(config.get(name))
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    if "add_bos_token" in config or "add_eos_token" in config or hf.post_processor is None:
+        _set_bos_eos(
+            hf,
+            special["bos_token"],
+            special["eos_token"],
+            bool(config.get("add_bos_token", False)),
+            bool(config.get("add_eos_token", False)),
+        )
+    extra_eos = _eos_ids(_read_json(folder / "generation_config.json").get("eos_token_id"))
+    extra_eos += _eos_ids(_read_json(folder / "config.json").get("eos_token_id"))
+    return TextTokenizer(
+        hf,
+        chat_template=_folder_chat_template(folder, config),
+        special_tokens=special,
+        extra_eos_ids=extra_eos,
+    )
+
+
+# ---- GGUF file -----------------------------------------------------------------------------
+
+# llama.cpp's `tokenizer.ggml.pre` names -> the split regex their merges were learned with.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_SPLITS = {
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"),
+        _LLAMA3_SPLIT,
+    ),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character that spells it in a vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    spelling = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if not (name.startswith("tokenizer.") or name == "general.architecture"):
+            continue
+        if hasattr(field, "contents"):
+            meta[name] = field.contents()
+            continue
+        # Older gguf-py: decode from the raw parts.
+        values = [field.parts[i] for i in field.data]
+        kind = field.types[-1]
+        if kind == gguf.GGUFValueType.STRING:
+            decoded: list[Any] = [bytes(v).decode("utf-8") for v in values]
+        else:
+            decoded = [v.tolist()[0] for v in values]
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        meta[name] = decoded if is_array else decoded[0]
+    return meta
+
+
+def _gguf_byte_level(meta: dict[str, Any]) -> Tokenizer:
+    """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`), shaped like transformers' conversion."""
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab = {
+        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
+        for i, tok in enumerate(tokens)
+    }
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    split = _GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre", ""))
+    if split is None:
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    hf.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    # Control tokens stay whole and are special; one spelled outside the byte alphabet is a
+    # llama.cpp mislabel and is left alone. User-defined tokens stay whole but are not special.
+    control = [
+        t for t, k in zip(tokens, types, strict=False) if k == _CONTROL and set(t) <= alphabet
+    ]
+    if control:
+        hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    known = hf.get_vocab()
+    user = [t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED and t in known]
+    if user:
+        hf.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    return hf
+
+
+def _load_gguf(path: Path) -> TextTokenizer:
+    meta = _gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"{path.name}: GGUF tokenizer model {kind!r} is not supported (only byte-level 'gpt2')"
+        )
+    hf = _gguf_byte_level(meta)
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    special = {
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+    }
+    _set_bos_eos(
+        hf,
+        special["bos_token"],
+        special["eos_token"],
+        bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    )
+    # llama.cpp also ends generation on the end-of-turn / end-of-message tokens.
+    extra = [
+        meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta
+    ]
+    return TextTokenizer(
+        hf,
+        chat_template=meta.get("tokenizer.chat_template"),
+        special_tokens=special,
+        extra_eos_ids=[i for i in extra if isinstance(i, int)],
+    )

@@ -1,0 +1,217 @@
+"""The ZeroMQ client SDK: submit requests to a Tessera engine and stream their outputs back.
+
+`AsyncEngineClient` is what the HTTP adapter and async programs use; `EngineClient` wraps it for
+plain synchronous code. Both speak the one wire protocol in protocols/messages.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from core.codec import CodecError, decode, encode
+from protocols.messages import (
+    AbortRequest,
+    ErrorInfo,
+    GenerateRequest,
+    HealthReply,
+    HealthRequest,
+    OutputBatch,
+    RequestOutput,
+    SamplingParams,
+)
+
+
+class EngineError(RuntimeError):
+    """A request the engine refused or failed; carries the OpenAI-shaped error."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class AsyncEngineClient:
+    """One DEALER socket to the gateway; replies are demultiplexed by request id."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                record = decode(frames)
+            except CodecError:
+                continue
+            if isinstance(record, OutputBatch):
+                for out in record.outputs:
+                    q = self.queues.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+            elif isinstance(record, HealthReply):
+                q = self.queues.get(record.request_id)
+                if q is not None:
+                    q.put_nowait(record)
+
+    async def _send(self, record: Any) -> None:
+        async with self._send_lock:
+            await self.sock.send_multipart(encode(record), copy=False)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Yield output increments; the last one has `finish_reason`. Closing early aborts."""
+        self._ensure_reader()
+        rid = request.request_id
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = q
+        finished = False
+        try:
+            await self._send(request)
+            while True:
+                out: RequestOutput = await q.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self.queues.pop(rid, None)
+            if not finished:
+                await asyncio.shield(self._send(AbortRequest(rid)))
+
+    async def abort(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+        await self._send(AbortRequest(request_id))
+
+    async def health(self, timeout: float = 5.0) -> HealthReply:
+        self._ensure_reader()
+        rid = "health-" + uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[rid] = q
+        try:
+            await self._send(HealthRequest(rid))
+            return await asyncio.wait_for(q.get(), timeout)
+        finally:
+            self.queues.pop(rid, None)
+
+    async def wait_ready(self, timeout: float = 300.0) -> HealthReply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                reply = await self.health(timeout=1.0)
+                if reply.ready:
+                    return reply
+            except asyncio.TimeoutError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"engine at {self.address} not ready after {timeout}s")
+            await asyncio.sleep(0.1)
+
+    async def complete(self, request: GenerateRequest) -> RequestOutput:
+        """Run a request to the end and return one merged output (raises EngineError)."""
+        merged = RequestOutput(request.request_id)
+        async for out in self.generate(request):
+            if out.error is not None:
+                raise EngineError(out.error)
+            merged.text += out.text
+            merged.token_ids += out.token_ids
+            if out.logprobs is not None:
+                merged.logprobs = (merged.logprobs or []) + out.logprobs
+            merged.finish_reason, merged.stop_reason = out.finish_reason, out.stop_reason
+            merged.prompt_tokens, merged.completion_tokens = out.prompt_tokens, out.completion_tokens
+            merged.cached_tokens = out.cached_tokens
+        return merged
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+class EngineClient:
+    """Synchronous SDK: the async client runs on a private event loop in a background thread."""
+
+    def __init__(self, address: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._client: AsyncEngineClient = self._call(self._make(address))
+
+    async def _make(self, address: str) -> AsyncEngineClient:
+        return AsyncEngineClient(address)
+
+    def _call(self, coro: Any) -> Any:
+        fut: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return fut.result()
+
+    def wait_ready(self, timeout: float = 300.0) -> HealthReply:
+        return self._call(self._client.wait_ready(timeout))
+
+    def health(self, timeout: float = 5.0) -> HealthReply:
+        return self._call(self._client.health(timeout))
+
+    def complete(self, request: GenerateRequest) -> RequestOutput:
+        return self._call(self._client.complete(request))
+
+    def complete_many(self, requests: list[GenerateRequest]) -> list[RequestOutput | EngineError]:
+        """Submit all at once (they batch together in the engine); results in order."""
+
+        async def run() -> list:
+            return await asyncio.gather(*(self._client.complete(r) for r in requests),
+                                        return_exceptions=True)
+
+        return self._call(run())
+
+    def stream(self, request: GenerateRequest) -> Iterator[RequestOutput]:
+        agen = self._client.generate(request)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    def abort(self, request_id: str) -> None:
+        self._call(self._client.abort(request_id))
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self._client.close()
+
+        self._call(shut())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def new_request(prompt: str | None = None, *, messages: list[dict] | None = None,
+                prompt_token_ids: list[int] | None = None, **sampling: Any) -> GenerateRequest:
+    """Convenience constructor: `new_request("Hi", max_tokens=8, temperature=0)`."""
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt=prompt, messages=messages,
+        prompt_token_ids=prompt_token_ids, sampling=SamplingParams(**sampling))

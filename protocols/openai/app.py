@@ -1,0 +1,266 @@
+"""The FastAPI app of the OpenAI-compatible API: routes, auth, error bodies, stream or collect.
+
+HTTP request -> schemas -> convert -> AsyncEngineClient.generate -> JSON body or SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.config import EngineConfig
+from protocols.messages import ErrorInfo, GenerateRequest, RequestOutput
+from protocols.openai import convert
+from protocols.openai.convert import Collected, OpenAIError, error_body
+from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
+from protocols.openai.stream import ChatChunks, ChunkRenderer, CompletionChunks, close_quietly, sse
+
+if TYPE_CHECKING:
+    from protocols.client import AsyncEngineClient
+
+HEALTH_TIMEOUT_S = 5.0
+Responder = Callable[[Collected, str, int, str, "int | None"], dict[str, Any]]
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def error_response(info: ErrorInfo) -> Response:
+    status = info.code if 400 <= info.code < 600 else 500
+    return json_response(error_body(info), status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = param or (".".join(loc) or None)
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+class EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body, so a dropped client aborts the request."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await close_quietly(self.body_iterator)  # type: ignore[arg-type]
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(
+    outputs: AsyncGenerator[RequestOutput, None], first: RequestOutput, request: Request
+) -> Collected | ErrorInfo | None:
+    """Fold a whole generation; None if the HTTP client went away first (the request is aborted)."""
+
+    async def fold() -> Collected | ErrorInfo:
+        c = Collected()
+        out = first
+        while True:
+            if out.error is not None or out.finish_reason == "error":
+                return out.error or ErrorInfo(
+                    "the engine failed this request", "InternalServerError", None, 500
+                )
+            c.add(out)
+            if c.final is not None:
+                return c
+            try:
+                out = await outputs.__anext__()
+            except StopAsyncIteration:
+                return ErrorInfo("the engine stream ended early", "InternalServerError", None, 500)
+
+    folding = asyncio.ensure_future(fold())
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({folding, watching}, return_when=asyncio.FIRST_COMPLETED)
+        return folding.result() if folding.done() else None
+    finally:
+        watching.cancel()
+        if not folding.done():  # let the fold unwind before the stream is closed under it
+            folding.cancel()
+            with anyio.move_on_after(5, shield=True):
+                await asyncio.wait({folding})
+        await close_quietly(outputs)
+
+
+def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
+    """The OpenAI-compatible app over one engine client; `config` gives names and the API key."""
+    served = config.model_names
+    engine_info: dict[str, Any] = {}
+    try:
+        tessera_version = version("tessera")
+    except PackageNotFoundError:
+        tessera_version = "0.0.0+unknown"
+
+    async def check_api_key(request: Request) -> None:
+        if not config.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        ):
+            raise OpenAIError(
+                "Unauthorized: a valid `Authorization: Bearer` key is required",
+                type="AuthenticationError",
+                code=401,
+            )
+
+    app = FastAPI(title="Tessera", version=tessera_version)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.exception_handler(OpenAIError)
+    async def on_openai_error(_: Request, exc: OpenAIError) -> Response:
+        return error_response(exc.info)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        return error_response(ErrorInfo(message, "BadRequestError", param, 400))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(
+            exc.status_code, "BadRequestError"
+        )
+        return error_response(ErrorInfo(str(exc.detail), kind, None, exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        return error_response(
+            ErrorInfo(
+                f"internal error: {type(exc).__name__}: {exc}", "InternalServerError", None, 500
+            )
+        )
+
+    async def refresh_info() -> dict[str, Any]:
+        if not engine_info:
+            try:
+                reply = await client.health(timeout=HEALTH_TIMEOUT_S)
+                if reply.ready:
+                    engine_info.update(reply.info)
+            except Exception:
+                pass
+        return engine_info
+
+    async def generate(
+        gen: GenerateRequest,
+        request: Request,
+        renderer: ChunkRenderer,
+        stream: bool,
+        respond: Responder,
+    ) -> Response:
+        outputs = client.generate(gen)
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            first = RequestOutput(request_id=gen.request_id, finish_reason="error")
+        except BaseException:
+            await close_quietly(outputs)
+            raise
+        if first.error is not None or first.finish_reason == "error":
+            await close_quietly(outputs)
+            return error_response(
+                first.error
+                or ErrorInfo("the engine failed this request", "InternalServerError", None, 500)
+            )
+        if stream:
+            return EventStreamResponse(
+                sse(first, outputs, renderer),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result = await _collect(outputs, first, request)
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        if isinstance(result, ErrorInfo):
+            return error_response(result)
+        return json_response(
+            respond(result, renderer.response_id, renderer.created, renderer.model, renderer.top_k)
+        )
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        model = convert.resolve_model(body.model, served)
+        gen = convert.chat_request(body, uuid.uuid4().hex)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        renderer = ChatChunks(
+            f"chatcmpl-{gen.request_id}",
+            int(time.time()),
+            model,
+            include_usage,
+            gen.sampling.logprobs,
+        )
+        return await generate(gen, request, renderer, body.stream, convert.chat_response)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        model = convert.resolve_model(body.model, served)
+        gen = convert.completion_request(body, uuid.uuid4().hex)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        renderer = CompletionChunks(
+            f"cmpl-{gen.request_id}", int(time.time()), model, include_usage, gen.sampling.logprobs
+        )
+        return await generate(gen, request, renderer, body.stream, convert.completion_response)
+
+    def model_card(name: str, info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "tessera",
+            "root": info.get("model", config.model or name),
+            "parent": None,
+            "max_model_len": info.get("max_model_len", config.max_model_len),
+        }
+
+    @v1.get("/models")
+    async def list_models() -> Response:
+        info = await refresh_info()
+        return json_response({"object": "list", "data": [model_card(n, info) for n in served]})
+
+    @v1.get("/models/{name:path}")
+    async def retrieve_model(name: str) -> Response:
+        convert.resolve_model(name, served)
+        return json_response(model_card(name, await refresh_info()))
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            reply = await client.health(timeout=HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return error_response(
+                ErrorInfo(f"engine unreachable: {exc}", "ServiceUnavailableError", None, 503)
+            )
+        if not reply.ready:
+            return error_response(
+                ErrorInfo("engine not ready", "ServiceUnavailableError", None, 503)
+            )
+        engine_info.update(reply.info)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version() -> Response:
+        return json_response({"version": tessera_version})
+
+    return app

@@ -1,0 +1,282 @@
+"""Conversion between OpenAI bodies and Tessera's wire records, both ways.
+
+Request path: schemas -> `chat_request`/`completion_request` -> GenerateRequest for the engine;
+back path: RequestOutput increments -> response dicts and SSE chunk dicts for the HTTP client.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.messages import (
+    ErrorInfo,
+    GenerateRequest,
+    PositionLogprobs,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
+
+
+class OpenAIError(Exception):
+    """A request refused by the adapter; carries the OpenAI error it becomes."""
+
+    def __init__(
+        self, message: str, type: str = "BadRequestError", param: str | None = None, code: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+
+def error_body(info: ErrorInfo) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": info.message,
+            "type": info.type,
+            "param": info.param,
+            "code": info.code,
+        }
+    }
+
+
+def resolve_model(requested: str | None, served: list[str]) -> str:
+    """The served name a request addresses; None means the first one (as vLLM does)."""
+    if requested is None:
+        return served[0]
+    if requested not in served:
+        raise OpenAIError(
+            f"The model `{requested}` does not exist.",
+            type="NotFoundError",
+            param="model",
+            code=404,
+        )
+    return requested
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    if req.n not in (None, 1):
+        raise OpenAIError("n must be 1: one choice per request is supported", param="n")
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise OpenAIError(
+            f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(t < 0 for t in req.stop_token_ids or []):
+        raise OpenAIError("stop_token_ids must be non-negative", param="stop_token_ids")
+    d = SamplingParams()
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=d.temperature if req.temperature is None else req.temperature,
+        top_p=d.top_p if req.top_p is None else req.top_p,
+        top_k=d.top_k if req.top_k is None else req.top_k,
+        min_p=d.min_p if req.min_p is None else req.min_p,
+        seed=req.seed,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop=[s for s in stop if s],
+        stop_token_ids=list(req.stop_token_ids or []),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=d.repetition_penalty
+        if req.repetition_penalty is None
+        else req.repetition_penalty,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def chat_request(req: ChatCompletionRequest, request_id: str) -> GenerateRequest:
+    for i, message in enumerate(req.messages):
+        if not isinstance(message.get("role"), str):
+            raise OpenAIError(f"messages[{i}] needs a string 'role'", param=f"messages.{i}.role")
+    if req.top_logprobs and not req.logprobs:
+        raise OpenAIError(
+            "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs"
+        )
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    return GenerateRequest(
+        request_id=request_id,
+        sampling=_sampling(req, max_tokens, logprobs),
+        messages=req.messages,
+        add_generation_prompt=req.add_generation_prompt,
+        chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+        mm_processor_kwargs=dict(req.mm_processor_kwargs or {}),
+        arrival_time=time.time(),
+    )
+
+
+def completion_request(req: CompletionRequest, request_id: str) -> GenerateRequest:
+    if req.echo:
+        raise OpenAIError("echo is not supported", param="echo")
+    if req.suffix:
+        raise OpenAIError("suffix is not supported", param="suffix")
+    if req.best_of not in (None, 1):
+        raise OpenAIError("best_of must be 1", param="best_of")
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    p = req.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise OpenAIError(
+                "batched prompts are not supported: send one prompt per request", param="prompt"
+            )
+        p = p[0]
+    if isinstance(p, str):
+        prompt = p
+    else:
+        token_ids = [int(t) for t in p]
+        if any(t < 0 for t in token_ids):
+            raise OpenAIError("prompt token ids must be non-negative", param="prompt")
+    if not prompt and not token_ids:
+        raise OpenAIError("prompt cannot be empty", param="prompt")
+    return GenerateRequest(
+        request_id=request_id,
+        sampling=_sampling(req, req.max_tokens, req.logprobs),
+        prompt=prompt,
+        prompt_token_ids=token_ids,
+        arrival_time=time.time(),
+    )
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _lp(value: float) -> float:
+    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def _chat_token(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": _lp(t.logprob), "bytes": list(t.token.encode())}
+
+
+def chat_logprobs(positions: list[PositionLogprobs], top_k: int) -> dict[str, Any]:
+    content = []
+    for pos in positions:
+        entry = _chat_token(pos.sampled)
+        entry["top_logprobs"] = [_chat_token(t) for t in pos.top[:top_k]]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(
+    positions: list[PositionLogprobs], top_k: int, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's legacy shape; `offset` is where this piece starts in the generated text."""
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for pos in positions:
+        tokens.append(pos.sampled.token)
+        token_logprobs.append(_lp(pos.sampled.logprob))
+        alternatives = {t.token: _lp(t.logprob) for t in pos.top[:top_k]}
+        alternatives.setdefault(pos.sampled.token, _lp(pos.sampled.logprob))
+        top.append(alternatives)
+        text_offset.append(offset)
+        offset += len(pos.sampled.token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    }
+
+
+def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict[str, Any]:
+    done = out.completion_tokens or (completion_tokens or 0)
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": done,
+        "total_tokens": out.prompt_tokens + done,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+    }
+
+
+@dataclass
+class Collected:
+    """A whole non-streamed generation, folded from its increments."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    final: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        if out.finish_reason is not None:
+            self.final = out
+
+
+def chat_response(
+    c: Collected, response_id: str, created: int, model: str, top_k: int | None
+) -> dict[str, Any]:
+    assert c.final is not None
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None if top_k is None else chat_logprobs(c.logprobs, top_k),
+                "finish_reason": c.final.finish_reason,
+                "stop_reason": c.final.stop_reason,
+            }
+        ],
+        "usage": usage(c.final, len(c.token_ids)),
+    }
+
+
+def completion_response(
+    c: Collected, response_id: str, created: int, model: str, top_k: int | None
+) -> dict[str, Any]:
+    assert c.final is not None
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": c.text,
+                "logprobs": None if top_k is None else completion_logprobs(c.logprobs, top_k),
+                "finish_reason": c.final.finish_reason,
+                "stop_reason": c.final.stop_reason,
+            }
+        ],
+        "usage": usage(c.final, len(c.token_ids)),
+    }
+
+
+def chunk(
+    response_id: str,
+    obj: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    include_usage: bool,
+    usage_value: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if include_usage:
+        body["usage"] = usage_value
+    return body

@@ -1,0 +1,84 @@
+"""The actor that serves the OpenAI-compatible HTTP API with uvicorn inside its own event loop.
+
+Front door of the HTTP path: it binds the port in `setup`, then each request becomes an
+AsyncEngineClient call to the gateway (`addresses.front`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import uvicorn
+
+from core.actor import Actor
+from protocols.client import AsyncEngineClient
+from protocols.openai.app import build_app
+
+STOP_GRACE_S = 3.0
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the actor kernel owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # uvicorn >= 0.29
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound now so a taken port fails `setup` and port 0 gets a real port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.setblocking(False)
+    return sock
+
+
+class OpenAIServerActor(Actor):
+    """Serves /v1/chat/completions, /v1/completions, /v1/models, /health and /version."""
+
+    async def setup(self) -> dict[str, Any]:
+        self.client = AsyncEngineClient(self.addresses.front)
+        self.app = build_app(self.client, self.config)
+        self.sock = bind(self.config.host, self.config.port)
+        port = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            host=self.config.host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=STOP_GRACE_S,
+        )
+        self.server = EmbeddedServer(config)
+        url = f"http://{self.config.host}:{port}"
+        self.log.info("openai server listening", url=url, models=self.config.model_names)
+        return {"url": url, "port": port}
+
+    async def run(self) -> None:
+        serving = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
+        try:
+            await asyncio.wait({serving})  # ends only if uvicorn stops by itself
+            serving.result()
+        finally:
+            with anyio.move_on_after(STOP_GRACE_S + 2, shield=True):
+                await self._stop(serving)
+            if not serving.done():
+                serving.cancel()
+            self.client.close()
+
+    async def _stop(self, serving: asyncio.Future[None]) -> None:
+        """Stop promptly: close the listener, cancel in-flight requests (aborting them upstream)."""
+        self.server.should_exit = True
+        self.server.force_exit = True
+        for task in list(self.server.server_state.tasks):
+            task.cancel()
+        if not serving.done():
+            await asyncio.wait({serving}, timeout=STOP_GRACE_S)

@@ -1,0 +1,114 @@
+"""Tests for the device platform layer: name resolution, the CPU backend, and hardware backends.
+
+Runs on CPU; checks that need a GPU, NPU or TPU skip, naming the missing hardware.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import devices
+from devices import get_platform
+from devices.base import Platform
+from devices.cpu import CpuPlatform
+from devices.cuda import CudaPlatform
+from devices.npu import NpuPlatform
+from devices.tpu import TpuPlatform
+
+ACCELERATORS = {"cuda": CudaPlatform(), "npu": NpuPlatform(), "tpu": TpuPlatform()}
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_auto_resolves_to_cpu_without_accelerators() -> None:
+    if any(p.is_available() for p in ACCELERATORS.values()):
+        pytest.skip("an accelerator is present, so auto does not resolve to cpu here")
+    platform = get_platform("auto")
+    assert isinstance(platform, CpuPlatform)
+    assert platform.name == "cpu"
+
+
+def test_cpu_platform_basics() -> None:
+    platform = get_platform("cpu")
+    assert platform.is_available()
+    assert platform.default_dtype() == torch.float32
+    assert platform.torch_device() == torch.device("cpu")
+    assert platform.torch_device(3) == torch.device("cpu")
+    assert platform.distributed_backend() == "gloo"
+    platform.synchronize(platform.torch_device())
+    platform.empty_cache()
+
+
+def test_cpu_memory_free_bytes_is_positive() -> None:
+    free = get_platform("cpu").memory_free_bytes(torch.device("cpu"))
+    assert isinstance(free, int)
+    assert free > 0
+
+
+def test_cpu_set_threads() -> None:
+    platform = get_platform("cpu")
+    before = torch.get_num_threads()
+    try:
+        platform.set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_unknown_name_raises_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto, cpu, cuda, npu, tpu"):
+        get_platform("rocm")
+
+
+def test_names_are_case_insensitive_and_every_backend_is_a_platform() -> None:
+    for name in ("cpu", "cuda", "npu", "tpu"):
+        platform = get_platform(name.upper())
+        assert isinstance(platform, Platform)
+        assert platform.name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "backend"),
+    [("cuda", torch.bfloat16, "nccl"), ("npu", torch.bfloat16, "hccl"), ("tpu", torch.float16, "sccl")],
+)
+def test_accelerator_constants_need_no_hardware(name: str, dtype: torch.dtype, backend: str) -> None:
+    platform = get_platform(name)
+    assert platform.default_dtype() == dtype
+    assert platform.distributed_backend() == backend
+    assert platform.torch_device(1) == torch.device(name, 1)
+
+
+def test_vendor_modules_are_not_imported_by_the_package() -> None:
+    for vendor in ("torch_npu", "torch_tpu"):
+        if importlib.util.find_spec(vendor) is None:
+            NpuPlatform().is_available()  # must answer False, not raise
+            TpuPlatform().is_available()
+    source = "".join(p.read_text() for p in pathlib.Path(devices.__file__).parent.glob("*.py"))
+    assert "import torch_npu" not in source and "import torch_tpu" not in source
+
+
+def test_torch_cuda_appears_only_in_devices_cuda() -> None:
+    offenders = []
+    for path in REPO.glob("*/**/*.py"):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in {".venv", "tests"} or relative == pathlib.Path("devices/cuda.py"):
+            continue
+        if "torch.cuda" in path.read_text(encoding="utf-8", errors="replace"):
+            offenders.append(str(relative))
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["cuda", "npu", "tpu"])
+def test_accelerator_memory_and_sync(name: str) -> None:
+    platform = ACCELERATORS[name]
+    if not platform.is_available():
+        pytest.skip(f"needs a {name} device ({ {'cuda': 'NVIDIA GPU', 'npu': 'Ascend NPU with torch_npu', 'tpu': 'Sophon TPU with torch_tpu'}[name] }); none here")
+    device = platform.torch_device(0)
+    x = torch.ones(1024, device=device)
+    platform.synchronize(device)
+    assert platform.memory_free_bytes(device) > 0
+    assert float(x.sum().cpu()) == 1024.0
+    platform.empty_cache()

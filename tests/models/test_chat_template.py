@@ -1,0 +1,146 @@
+"""Tests for models/chat_template.py and TextTokenizer.apply_chat_template: renders equal
+transformers' for Qwen2.5 and SmolLM2 (GGUF); sandbox helpers and errors behave."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+from tokenizers import Tokenizer, models
+
+from models.chat_template import compile_chat_template, render_chat_template
+from models.tokenizer import TextTokenizer
+from tests.models.test_tokenizer import gguf_pair, needs_gguf, needs_qwen, qwen_pair
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "Bonjour 😀, 你好"},
+    ],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+    ],
+]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city — “quoted”",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+@needs_qwen
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_qwen_render_matches_transformers(messages: list, add_generation_prompt: bool) -> None:
+    ours, ref = qwen_pair()
+    expected = ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert ours.apply_chat_template(messages, add_generation_prompt) == expected
+
+
+@needs_qwen
+def test_qwen_render_with_tools_matches_transformers() -> None:
+    ours, ref = qwen_pair()
+    messages = CONVERSATIONS[0]
+    expected = ref.apply_chat_template(
+        messages, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    assert ours.apply_chat_template(messages, tools=TOOLS) == expected
+    assert "“quoted”" in expected  # tojson keeps non-ASCII as is
+
+
+@needs_gguf
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_gguf_render_matches_transformers(messages: list) -> None:
+    ours, ref = gguf_pair()
+    expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == expected
+
+
+@needs_qwen
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        "hello",
+        [{"content": "no role"}],
+        ["not a dict"],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"text": "part without type"}]}],
+    ],
+)
+def test_malformed_messages_raise_value_error(messages: object) -> None:
+    ours, _ = qwen_pair()
+    with pytest.raises(ValueError):
+        ours.apply_chat_template(messages)  # type: ignore[arg-type]
+
+
+def test_missing_template_raises_value_error() -> None:
+    tok = TextTokenizer(Tokenizer(models.BPE()), chat_template=None)
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_special_tokens_and_content_parts_reach_the_template() -> None:
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.content is string %}{{ m.content }}"
+        "{% else %}{% for p in m.content %}[{{ p.type }}]{% endfor %}{% endif %}{% endfor %}"
+    )
+    tok = TextTokenizer(
+        Tokenizer(models.BPE()), chat_template=template, special_tokens={"bos_token": "<s>"}
+    )
+    parts = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "t"}]
+    assert tok.apply_chat_template([{"role": "user", "content": parts}]) == "<s>[image_url][text]"
+    assert tok.apply_chat_template([{"role": "user", "content": "a"}], bos_token="B") == "Ba"
+
+
+def test_raise_exception_becomes_value_error() -> None:
+    with pytest.raises(ValueError, match="roles must alternate"):
+        render_chat_template("{{ raise_exception('roles must alternate') }}", [])
+
+
+def test_bad_template_and_type_errors_become_value_error() -> None:
+    with pytest.raises(ValueError, match="does not compile"):
+        render_chat_template("{% for %}", [])
+    with pytest.raises(ValueError):
+        render_chat_template("{{ 'a' + messages[0].content }}", [{"role": "u", "content": [1]}])
+
+
+def test_tojson_matches_json_dumps() -> None:
+    data = {"b": "é", "a": [1, 2]}
+    out = render_chat_template("{{ x | tojson }}|{{ x | tojson(indent=2) }}", [], x=data)
+    assert out == json.dumps(data, ensure_ascii=False) + "|" + json.dumps(
+        data, ensure_ascii=False, indent=2
+    )
+    assert render_chat_template("{{ '<a>' | tojson }}", []) == '"<a>"'
+
+
+def test_strftime_now_loop_controls_and_trimming() -> None:
+    assert render_chat_template("{{ strftime_now('%Y') }}", []) == str(datetime.now().year)
+    template = "{% for m in messages %}\n  {% if m == 2 %}{% break %}{% endif %}\n{{ m }}\n{% endfor %}"
+    assert render_chat_template(template, [1, 2, 3]) == "1\n"  # type: ignore[list-item]
+    assert render_chat_template("{{ messages | length }}{{ tools }}", [{}]) == "1None"
+
+
+def test_sandbox_blocks_attribute_escape() -> None:
+    with pytest.raises(ValueError):
+        render_chat_template("{{ messages.__class__.__mro__ }}", [])
+    with pytest.raises(ValueError):
+        render_chat_template("{% set _ = messages.append(1) %}", [])
+
+
+def test_template_compiled_once() -> None:
+    source = "{{ messages | length }} compiled once"
+    assert compile_chat_template(source) is compile_chat_template(source)

@@ -1,0 +1,241 @@
+"""Tests for the batched sampler: greedy, truncation, seeds, penalties, min_tokens, logprobs.
+
+Pure CPU; reference values come from transformers' logits processors or are computed by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from models.sampler import (
+    SamplingBatch,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    sample,
+)
+
+CPU = torch.device("cpu")
+
+
+def make_batch(n: int, vocab: int, **overrides: Any) -> SamplingBatch:
+    """A batch of `n` plain random-sampling rows, with any per-request list overridden."""
+    columns: dict[str, Any] = {
+        "temperatures": [1.0] * n,
+        "top_ps": [1.0] * n,
+        "top_ks": [0] * n,
+        "min_ps": [0.0] * n,
+        "presence_penalties": [0.0] * n,
+        "frequency_penalties": [0.0] * n,
+        "repetition_penalties": [1.0] * n,
+        "min_tokens": [0] * n,
+        "stop_ids_for_min_tokens": [[] for _ in range(n)],
+        "prompt_token_ids": [[] for _ in range(n)],
+        "output_token_ids": [[] for _ in range(n)],
+        "generators": [None] * n,
+        "max_logprobs": -1,
+    }
+    columns.update(overrides)
+    return SamplingBatch.build(**columns, vocab_size=vocab, device=CPU)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def random_logits(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=seeded(seed)) * 3
+
+
+def test_zero_temperature_is_argmax() -> None:
+    logits = random_logits(5, 100)
+    out = sample(logits, make_batch(5, 100, temperatures=[0.0] * 5))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+    assert out.logprobs is None and out.top_ids is None
+    assert make_batch(5, 100, temperatures=[0.0] * 5).all_greedy
+
+
+def test_top_k_one_matches_greedy() -> None:
+    logits = random_logits(8, 300, seed=1)
+    for top_ps in ([1.0] * 8, [0.9] * 8):  # top-k alone and the sorted top-k + top-p path
+        batch = make_batch(8, 300, top_ks=[1] * 8, top_ps=top_ps, temperatures=[1.5] * 8)
+        assert torch.equal(sample(logits, batch).token_ids, logits.argmax(-1))
+
+
+def test_tiny_top_p_matches_greedy() -> None:
+    logits = random_logits(8, 300, seed=2)
+    batch = make_batch(8, 300, top_ps=[1e-6] * 8, temperatures=[2.0] * 8)
+    assert torch.equal(sample(logits, batch).token_ids, logits.argmax(-1))
+
+
+def test_mixed_greedy_and_random_rows() -> None:
+    vocab = 50
+    logits = torch.zeros(4, vocab)  # uniform: random rows almost surely leave the argmax (0)
+    temps = [0.0, 1.0, 0.0, 1.0]
+    torch.manual_seed(0)
+    outs = torch.stack([sample(logits, make_batch(4, vocab, temperatures=temps)).token_ids for _ in range(20)])
+    assert (outs[:, 0] == 0).all() and (outs[:, 2] == 0).all()
+    assert (outs[:, 1] != 0).any() and (outs[:, 3] != 0).any()
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens() -> None:
+    probs = torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1]] * 2)
+    logits = probs.log()
+    kept_k = apply_top_k_top_p(logits, make_batch(2, 5, top_ks=[2, 0]))
+    assert torch.isfinite(kept_k[0]).tolist() == [False, True, True, False, False]
+    assert torch.isfinite(kept_k[1]).all()  # top_k=0 is disabled
+    # p=0.8 needs 0.4 + 0.3 + 0.15 (0.85); p=0.5 needs 0.4 + 0.3 (0.7)
+    kept_p = apply_top_k_top_p(logits, make_batch(2, 5, top_ps=[0.8, 0.5]))
+    assert torch.isfinite(kept_p[0]).tolist() == [False, True, True, True, False]
+    assert torch.isfinite(kept_p[1]).tolist() == [False, True, True, False, False]
+    kept_min_p = apply_min_p(logits, make_batch(2, 5, min_ps=[0.5, 0.0]))
+    assert torch.isfinite(kept_min_p[0]).tolist() == [False, True, True, False, False]
+    assert torch.isfinite(kept_min_p[1]).all()
+
+
+def test_seed_reproducible_across_batch_compositions() -> None:
+    vocab, steps = 1000, 12
+    row = torch.zeros(vocab)  # uniform: every draw depends on the noise alone
+
+    def run(batch_rows: int, seeded_row: int, companions: dict[int, int]) -> list[int]:
+        gens: list[torch.Generator | None] = [None] * batch_rows
+        gens[seeded_row] = seeded(1234)
+        for index, seed in companions.items():
+            gens[index] = seeded(seed)
+        temps = [1.0] * batch_rows
+        temps[(seeded_row + 1) % batch_rows] = 0.0 if batch_rows > 1 else 1.0
+        tokens = []
+        for _ in range(steps):
+            batch = make_batch(batch_rows, vocab, temperatures=temps, generators=gens)
+            tokens.append(int(sample(row.expand(batch_rows, vocab), batch).token_ids[seeded_row]))
+        return tokens
+
+    alone = run(1, 0, {})
+    assert run(4, 2, {0: 7}) == alone
+    assert run(6, 5, {1: 99, 3: 1234 + 1}) == alone
+    assert run(1, 0, {}) == alone  # a fresh generator with the same seed replays the tokens
+    other = seeded(4321)
+    others = [
+        int(sample(row[None], make_batch(1, vocab, generators=[other])).token_ids[0])
+        for _ in range(steps)
+    ]
+    assert others != alone
+
+
+def test_repetition_penalty_matches_transformers() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    vocab = 40
+    logits = random_logits(2, vocab, seed=3)
+    prompts = [[1, 2, 3, 3], [5, 6]]
+    outputs = [[7, 1, 30], []]
+    penalty = 1.3
+    batch = make_batch(2, vocab, repetition_penalties=[penalty] * 2, prompt_token_ids=prompts, output_token_ids=outputs)
+    ours = apply_penalties(logits, batch)
+    for i in range(2):
+        input_ids = torch.tensor([prompts[i] + outputs[i]])
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(input_ids, logits[i : i + 1].clone())
+        torch.testing.assert_close(ours[i : i + 1], expected, rtol=0, atol=0)
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
+    vocab = 10
+    logits = torch.arange(vocab, dtype=torch.float32).repeat(2, 1)
+    batch = make_batch(
+        2,
+        vocab,
+        presence_penalties=[0.5, 0.0],
+        frequency_penalties=[0.25, -1.0],
+        prompt_token_ids=[[9, 9, 9], [9]],
+        output_token_ids=[[2, 2, 2, 4], [4]],
+    )
+    expected = logits.clone()
+    expected[0, 2] -= 0.25 * 3 + 0.5
+    expected[0, 4] -= 0.25 * 1 + 0.5
+    expected[1, 4] -= -1.0 * 1
+    assert torch.equal(apply_penalties(logits, batch), expected)
+    no_penalty = make_batch(2, vocab)
+    assert no_penalty.output_counts is None and no_penalty.seen_mask is None
+
+
+def test_min_tokens_bans_stop_ids_until_reached() -> None:
+    vocab, eos = 20, 3
+    logits = torch.full((2, vocab), -5.0)
+    logits[:, eos] = 10.0
+    logits[:, 11] = 9.0
+    batch = make_batch(
+        2,
+        vocab,
+        temperatures=[0.0, 0.0],
+        min_tokens=[3, 3],
+        stop_ids_for_min_tokens=[[eos], [eos]],
+        output_token_ids=[[5, 6], [5, 6, 7]],  # row 0 still short, row 1 has reached 3
+    )
+    assert sample(logits, batch).token_ids.tolist() == [11, eos]
+
+
+def test_logprobs_are_raw_log_softmax_and_top_ids_sorted() -> None:
+    vocab = 64
+    logits = random_logits(3, vocab, seed=4)
+    batch = make_batch(
+        3,
+        vocab,
+        temperatures=[0.0, 0.7, 1.0],
+        top_ks=[0, 5, 0],
+        repetition_penalties=[1.5, 1.0, 1.0],
+        prompt_token_ids=[[int(logits[0].argmax())], [], []],
+        generators=[None, seeded(1), seeded(2)],
+        max_logprobs=4,
+    )
+    out = sample(logits, batch)
+    raw = logits.log_softmax(-1)
+    assert out.logprobs is not None and out.top_ids is not None and out.top_logprobs is not None
+    torch.testing.assert_close(out.logprobs, raw.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert out.top_ids.shape == (3, 4)
+    assert torch.equal(out.top_ids, raw.argsort(-1, descending=True)[:, :4])
+    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    torch.testing.assert_close(out.top_logprobs, raw.gather(1, out.top_ids))
+
+
+def test_temperature_sampling_frequencies_match_softmax() -> None:
+    vocab, rows, temperature = 6, 20000, 0.7
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    batch = make_batch(rows, vocab, temperatures=[temperature] * rows, generators=[seeded(0)] + [None] * (rows - 1))
+    torch.manual_seed(0)  # fixed noise: the check is deterministic
+    tokens = sample(logits.expand(rows, vocab), batch).token_ids
+    observed = torch.bincount(tokens, minlength=vocab).float() / rows
+    expected = (logits / temperature).softmax(-1)
+    torch.testing.assert_close(observed, expected, atol=0.015, rtol=0)
+
+
+def test_logits_are_not_modified_in_place() -> None:
+    logits = random_logits(2, 30, seed=5)
+    before = logits.clone()
+    batch = make_batch(
+        2,
+        30,
+        temperatures=[0.5, 0.0],
+        top_ps=[0.9, 1.0],
+        top_ks=[10, 0],
+        min_ps=[0.05, 0.0],
+        repetition_penalties=[1.2, 1.2],
+        presence_penalties=[0.3, 0.3],
+        prompt_token_ids=[[1, 2], [3]],
+        output_token_ids=[[4], [5]],
+        min_tokens=[5, 5],
+        stop_ids_for_min_tokens=[[0], [0]],
+        max_logprobs=0,
+    )
+    out = sample(logits, batch)
+    assert torch.equal(logits, before)
+    assert out.top_ids is not None and out.top_ids.shape == (2, 0)
+
+
+def test_mismatched_lengths_and_vocab_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        make_batch(2, 10, top_ps=[1.0])
+    with pytest.raises(ValueError):
+        sample(torch.zeros(2, 11), make_batch(2, 10))

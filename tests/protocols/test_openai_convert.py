@@ -1,0 +1,237 @@
+"""Unit tests of the OpenAI adapter's conversion and validation, with no engine running.
+
+Covers the first and last hop of the HTTP path: request bodies -> GenerateRequest, outputs -> JSON.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from protocols.messages import PositionLogprobs, RequestOutput, TokenLogprob
+from protocols.openai import convert
+from protocols.openai.convert import Collected, OpenAIError
+from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
+from protocols.openai.stream import ChatChunks, CompletionChunks
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=MESSAGES, **kw)
+
+
+def test_chat_request_maps_every_sampling_field():
+    req = chat(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=3,
+               stop="END", stop_token_ids=[9], ignore_eos=True, min_tokens=2,
+               presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
+               logprobs=True, top_logprobs=3, skip_special_tokens=False,
+               include_stop_str_in_output=True, chat_template_kwargs={"enable_thinking": False},
+               add_generation_prompt=False, mm_processor_kwargs={"max_pixels": 1000})
+    gen = convert.chat_request(req, "rid")
+    s = gen.sampling
+    assert gen.request_id == "rid" and gen.messages == MESSAGES and gen.prompt is None
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (7, 0.5, 0.9, 5,
+                                                                                0.1, 3)
+    assert s.stop == ["END"] and s.stop_token_ids == [9] and s.ignore_eos and s.min_tokens == 2
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.5, 1.1)
+    assert s.logprobs == 3 and not s.skip_special_tokens and s.include_stop_str_in_output
+    assert gen.chat_template_kwargs == {"enable_thinking": False}
+    assert not gen.add_generation_prompt and gen.mm_processor_kwargs == {"max_pixels": 1000}
+
+
+def test_chat_defaults_leave_sampling_defaults():
+    s = convert.chat_request(chat(), "r").sampling
+    assert s.max_tokens is None and s.temperature == 1.0 and s.top_p == 1.0 and s.top_k == 0
+    assert s.logprobs is None and s.stop == [] and s.repetition_penalty == 1.0
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert convert.chat_request(chat(max_tokens=5, max_completion_tokens=9), "r").sampling \
+        .max_tokens == 9
+
+
+def test_chat_logprobs_without_top_logprobs_is_zero_alternatives():
+    assert convert.chat_request(chat(logprobs=True), "r").sampling.logprobs == 0
+
+
+def test_top_logprobs_needs_logprobs():
+    with pytest.raises(OpenAIError) as e:
+        convert.chat_request(chat(top_logprobs=2), "r")
+    assert e.value.info.param == "top_logprobs" and e.value.info.code == 400
+
+
+def test_image_parts_pass_through_untouched():
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+             {"type": "text", "text": "what is this?"}]
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}])
+    assert convert.chat_request(req, "r").messages[0]["content"] == parts
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("top_logprobs", 21),
+    ("max_tokens", 0), ("min_p", 1.5), ("top_k", -2), ("min_tokens", -1),
+])
+def test_out_of_range_values_are_rejected(field, value):
+    with pytest.raises(ValidationError):
+        chat(**{field: value})
+
+
+def test_empty_messages_rejected():
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[])
+
+
+def test_message_without_role_rejected():
+    req = ChatCompletionRequest(model="m", messages=[{"content": "x"}])
+    with pytest.raises(OpenAIError):
+        convert.chat_request(req, "r")
+
+
+def test_n_other_than_one_rejected():
+    with pytest.raises(OpenAIError) as e:
+        convert.chat_request(chat(n=2), "r")
+    assert e.value.info.param == "n"
+    assert convert.chat_request(chat(n=1), "r").sampling.max_tokens is None
+
+
+def test_min_tokens_above_max_tokens_rejected():
+    with pytest.raises(OpenAIError):
+        convert.chat_request(chat(max_tokens=2, min_tokens=3), "r")
+
+
+def test_empty_stop_strings_dropped():
+    assert convert.chat_request(chat(stop=["a", ""]), "r").sampling.stop == ["a"]
+
+
+def test_unknown_fields_are_ignored():
+    assert chat(response_format={"type": "text"}, user="u").model == "m"
+
+
+def test_resolve_model():
+    assert convert.resolve_model("b", ["a", "b"]) == "b"
+    assert convert.resolve_model(None, ["a", "b"]) == "a"
+    with pytest.raises(OpenAIError) as e:
+        convert.resolve_model("x", ["a"])
+    info = e.value.info
+    assert (info.code, info.type, info.param) == (404, "NotFoundError", "model")
+    assert info.message == "The model `x` does not exist."
+
+
+@pytest.mark.parametrize("prompt,text,ids", [
+    ("hello", "hello", None), (["hello"], "hello", None), ([1, 2, 3], None, [1, 2, 3]),
+    ([[4, 5]], None, [4, 5]),
+])
+def test_completion_prompt_forms(prompt, text, ids):
+    gen = convert.completion_request(CompletionRequest(model="m", prompt=prompt), "r")
+    assert gen.prompt == text and gen.prompt_token_ids == ids and gen.messages is None
+
+
+def test_completion_defaults_to_16_tokens_and_int_logprobs():
+    gen = convert.completion_request(CompletionRequest(model="m", prompt="x", logprobs=2), "r")
+    assert gen.sampling.max_tokens == 16 and gen.sampling.logprobs == 2
+
+
+@pytest.mark.parametrize("kw", [
+    {"prompt": ["a", "b"]}, {"prompt": ""}, {"prompt": []}, {"prompt": [1, -1]},
+    {"prompt": "x", "echo": True}, {"prompt": "x", "best_of": 2}, {"prompt": "x", "n": 3},
+    {"prompt": "x", "suffix": "y"},
+])
+def test_completion_rejections(kw):
+    with pytest.raises(OpenAIError):
+        convert.completion_request(CompletionRequest(model="m", **kw), "r")
+
+
+def test_completion_logprobs_above_20_rejected():
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="x", logprobs=21)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def pos(token: str, lp: float, *top: tuple[str, float]) -> PositionLogprobs:
+    return PositionLogprobs(TokenLogprob(1, lp, token), [TokenLogprob(2, v, t) for t, v in top])
+
+
+def test_chat_logprobs_shape_and_clamp():
+    out = convert.chat_logprobs([pos("hé", -0.5, ("hé", -0.5), ("x", -math.inf))], top_k=2)
+    entry = out["content"][0]
+    assert entry["token"] == "hé" and entry["logprob"] == -0.5
+    assert entry["bytes"] == list("hé".encode())
+    assert [t["token"] for t in entry["top_logprobs"]] == ["hé", "x"]
+    assert entry["top_logprobs"][1]["logprob"] == convert.LOGPROB_FLOOR
+    assert convert.chat_logprobs([pos("a", -1.0, ("a", -1.0))], 0)["content"][0][
+        "top_logprobs"] == []
+
+
+def test_completion_logprobs_shape_and_offsets():
+    out = convert.completion_logprobs([pos("ab", -0.1, ("ab", -0.1), ("c", -2.0)),
+                                       pos("c", -0.2, ("d", -1.0))], top_k=2, offset=5)
+    assert out["tokens"] == ["ab", "c"] and out["token_logprobs"] == [-0.1, -0.2]
+    assert out["top_logprobs"] == [{"ab": -0.1, "c": -2.0}, {"d": -1.0, "c": -0.2}]
+    assert out["text_offset"] == [5, 7]
+
+
+def outputs() -> list[RequestOutput]:
+    return [
+        RequestOutput("r", text="Hel", token_ids=[1], logprobs=[pos("Hel", -0.1)]),
+        RequestOutput("r", text="lo", token_ids=[2], logprobs=[pos("lo", -0.2)],
+                      finish_reason="length", prompt_tokens=4, completion_tokens=2,
+                      cached_tokens=1),
+    ]
+
+
+def test_chat_response_shape():
+    c = Collected()
+    for out in outputs():
+        c.add(out)
+    body = convert.chat_response(c, "chatcmpl-x", 1, "m", top_k=0)
+    assert body["object"] == "chat.completion" and body["model"] == "m"
+    choice = body["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": "Hello"}
+    assert choice["finish_reason"] == "length"
+    assert [e["token"] for e in choice["logprobs"]["content"]] == ["Hel", "lo"]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 1}}
+
+
+def test_completion_response_shape():
+    c = Collected()
+    for out in outputs():
+        c.add(out)
+    body = convert.completion_response(c, "cmpl-x", 1, "m", top_k=None)
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["logprobs"] is None
+    assert body["usage"]["total_tokens"] == 6
+
+
+def test_chat_chunks_with_usage():
+    r = ChatChunks("id", 1, "m", include_usage=True, top_k=None)
+    first = r.start()[0]
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["usage"] is None
+    outs = outputs()
+    mid = r.render(outs[0])[0]
+    assert mid["choices"][0]["delta"] == {"content": "Hel"} and mid["usage"] is None
+    last = r.render(outs[1])[0]
+    assert last["choices"][0]["finish_reason"] == "length"
+    (tail,) = r.finish(outs[1])
+    assert tail["choices"] == [] and tail["usage"]["completion_tokens"] == 2
+
+
+def test_chat_chunks_skip_empty_increments_and_omit_usage():
+    r = ChatChunks("id", 1, "m", include_usage=False, top_k=None)
+    assert r.render(RequestOutput("r", token_ids=[3])) == []
+    body = r.render(RequestOutput("r", text="x"))[0]
+    assert "usage" not in body and r.finish(RequestOutput("r", finish_reason="stop")) == []
+
+
+def test_completion_chunks_offsets_run_across_chunks():
+    r = CompletionChunks("id", 1, "m", include_usage=False, top_k=0)
+    a, b = (r.render(o)[0]["choices"][0] for o in outputs())
+    assert a["text"] == "Hel" and a["logprobs"]["text_offset"] == [0]
+    assert b["logprobs"]["text_offset"] == [3] and b["finish_reason"] == "length"
