@@ -16,7 +16,8 @@ import torch
 
 from core.actor import Actor
 from devices import get_platform
-from models import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block, load_model
+from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
+from models.loader import load_model
 from models.sampler import SamplingBatch, sample
 from protocols.messages import (
     NewSequence,

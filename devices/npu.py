@@ -14,7 +14,7 @@ from devices.base import Platform
 
 
 def _npu() -> ModuleType:
-    """`torch_npu.npu`, the torch.cuda-like namespace; importing torch_npu registers "npu"."""
+    """`torch_npu.npu`, the vendor namespace mirroring the cuda one; importing torch_npu registers "npu"."""
     return importlib.import_module("torch_npu").npu
 
 
@@ -24,8 +24,12 @@ class NpuPlatform(Platform):
     def is_available(self) -> bool:
         try:
             return bool(_npu().is_available())
-        except Exception:  # noqa: BLE001 - a broken vendor install means "not available"
+        except Exception:  # a broken vendor install means "not available"
             return False
+
+    def torch_device(self, rank: int = 0) -> torch.device:
+        _npu()  # the "npu" device type exists only once the vendor module is imported
+        return torch.device("npu", rank)
 
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16

@@ -14,7 +14,7 @@ from devices.base import Platform
 
 
 def _tpu() -> ModuleType:
-    """`torch_tpu.tpu`, the torch.cuda-like namespace; importing torch_tpu registers "tpu"."""
+    """`torch_tpu.tpu`, the vendor namespace mirroring the cuda one; importing torch_tpu registers "tpu"."""
     return importlib.import_module("torch_tpu").tpu
 
 
@@ -26,8 +26,12 @@ class TpuPlatform(Platform):
             tpu = _tpu()
             is_available = getattr(tpu, "is_available", None)
             return bool(is_available()) if is_available else tpu.device_count() > 0
-        except Exception:  # noqa: BLE001 - a broken vendor install means "not available"
+        except Exception:  # a broken vendor install means "not available"
             return False
+
+    def torch_device(self, rank: int = 0) -> torch.device:
+        _tpu()  # the "tpu" device type exists only once the vendor module is imported
+        return torch.device("tpu", rank)
 
     def default_dtype(self) -> torch.dtype:
         return torch.float16  # SG2260-class cores are fastest in fp16

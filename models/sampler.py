@@ -79,7 +79,9 @@ class SamplingBatch:
         random_rows = [i for i in range(n) if not greedy[i]]
         batch = cls(
             vocab_size=vocab_size,
-            temperatures=floats([1.0 if g else t for g, t in zip(greedy, temperatures)]),
+            temperatures=floats(
+                [1.0 if g else t for g, t in zip(greedy, temperatures, strict=True)]
+            ),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             all_greedy=not random_rows,
             all_random=len(random_rows) == n,
@@ -88,14 +90,17 @@ class SamplingBatch:
         )
 
         # Truncation only shapes random draws, so greedy rows count as disabled.
-        ks = [vocab_size if g or k <= 0 or k >= vocab_size else k for g, k in zip(greedy, top_ks)]
+        ks = [
+            vocab_size if g or k <= 0 or k >= vocab_size else k
+            for g, k in zip(greedy, top_ks, strict=True)
+        ]
         if any(k < vocab_size for k in ks):
             batch.top_ks = torch.tensor(ks, dtype=torch.long, device=device)
             batch.top_k_max = max(k for k in ks if k < vocab_size)
-        ps = [1.0 if g or p >= 1.0 else p for g, p in zip(greedy, top_ps)]
+        ps = [1.0 if g or p >= 1.0 else p for g, p in zip(greedy, top_ps, strict=True)]
         if any(p < 1.0 for p in ps):
             batch.top_ps = floats(ps)
-        mps = [0.0 if g or m <= 0.0 else m for g, m in zip(greedy, min_ps)]
+        mps = [0.0 if g or m <= 0.0 else m for g, m in zip(greedy, min_ps, strict=True)]
         if any(m > 0.0 for m in mps):
             batch.min_ps = floats(mps)
 
@@ -224,7 +229,9 @@ def random_sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Pick one token per row of fp32 `logits` [B, V]; `logits` itself is left unchanged."""
     if logits.shape[-1] != batch.vocab_size:
-        raise ValueError(f"logits have {logits.shape[-1]} columns, batch expects {batch.vocab_size}")
+        raise ValueError(
+            f"logits have {logits.shape[-1]} columns, batch expects {batch.vocab_size}"
+        )
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
 
     logits = apply_penalties(apply_min_tokens(logits, batch), batch)
@@ -235,7 +242,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits / batch.temperatures[:, None]
         logits = apply_top_k_top_p(apply_min_p(logits, batch), batch)
         random_ids = random_sample(logits.softmax(dim=-1), batch)
-        token_ids = random_ids if greedy_ids is None else torch.where(batch.greedy, greedy_ids, random_ids)
+        token_ids = (
+            random_ids if greedy_ids is None else torch.where(batch.greedy, greedy_ids, random_ids)
+        )
 
     if raw_logprobs is None:
         return SamplerOutput(token_ids, None, None, None)

@@ -47,6 +47,8 @@ class TextTokenizer:
         """From an HF checkpoint folder, or from a `.gguf` file."""
         p = Path(path)
         if p.is_file():
+            if p.suffix != ".gguf":
+                raise ValueError(f"{path} is a file but not a .gguf; pass a checkpoint folder")
             return _load_gguf(p)
         if not p.is_dir():
             raise FileNotFoundError(f"no tokenizer at {path}")

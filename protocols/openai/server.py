@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +79,7 @@ class OpenAIServerActor(Actor):
         """Stop promptly: close the listener, cancel in-flight requests (aborting them upstream)."""
         self.server.should_exit = True
         self.server.force_exit = True
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)  # cancelled requests
         for task in list(self.server.server_state.tasks):
             task.cancel()
         if not serving.done():

@@ -20,6 +20,11 @@ from devices.npu import NpuPlatform
 from devices.tpu import TpuPlatform
 
 ACCELERATORS = {"cuda": CudaPlatform(), "npu": NpuPlatform(), "tpu": TpuPlatform()}
+HARDWARE = {
+    "cuda": "an NVIDIA GPU",
+    "npu": "an Ascend NPU with torch_npu",
+    "tpu": "a Sophon TPU with torch_tpu",
+}
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -72,20 +77,27 @@ def test_names_are_case_insensitive_and_every_backend_is_a_platform() -> None:
 
 @pytest.mark.parametrize(
     ("name", "dtype", "backend"),
-    [("cuda", torch.bfloat16, "nccl"), ("npu", torch.bfloat16, "hccl"), ("tpu", torch.float16, "sccl")],
+    [
+        ("cuda", torch.bfloat16, "nccl"),
+        ("npu", torch.bfloat16, "hccl"),
+        ("tpu", torch.float16, "sccl"),
+    ],
 )
-def test_accelerator_constants_need_no_hardware(name: str, dtype: torch.dtype, backend: str) -> None:
+def test_accelerator_constants_need_no_hardware(
+    name: str, dtype: torch.dtype, backend: str
+) -> None:
     platform = get_platform(name)
     assert platform.default_dtype() == dtype
     assert platform.distributed_backend() == backend
-    assert platform.torch_device(1) == torch.device(name, 1)
+    if name == "cuda":  # "npu"/"tpu" device types exist only once the vendor module is loaded
+        assert platform.torch_device(1) == torch.device("cuda", 1)
 
 
-def test_vendor_modules_are_not_imported_by_the_package() -> None:
-    for vendor in ("torch_npu", "torch_tpu"):
-        if importlib.util.find_spec(vendor) is None:
-            NpuPlatform().is_available()  # must answer False, not raise
-            TpuPlatform().is_available()
+def test_vendor_modules_are_imported_lazily() -> None:
+    if importlib.util.find_spec("torch_npu") is None:
+        assert NpuPlatform().is_available() is False  # answers, does not raise
+    if importlib.util.find_spec("torch_tpu") is None:
+        assert TpuPlatform().is_available() is False
     source = "".join(p.read_text() for p in pathlib.Path(devices.__file__).parent.glob("*.py"))
     assert "import torch_npu" not in source and "import torch_tpu" not in source
 
@@ -94,7 +106,11 @@ def test_torch_cuda_appears_only_in_devices_cuda() -> None:
     offenders = []
     for path in REPO.glob("*/**/*.py"):
         relative = path.relative_to(REPO)
-        if relative.parts[0] in {".venv", "tests"} or relative == pathlib.Path("devices/cuda.py"):
+        if (
+            relative.parts[0].startswith(".")
+            or relative.parts[0] == "tests"
+            or relative == pathlib.Path("devices/cuda.py")
+        ):
             continue
         if "torch.cuda" in path.read_text(encoding="utf-8", errors="replace"):
             offenders.append(str(relative))
@@ -105,7 +121,7 @@ def test_torch_cuda_appears_only_in_devices_cuda() -> None:
 def test_accelerator_memory_and_sync(name: str) -> None:
     platform = ACCELERATORS[name]
     if not platform.is_available():
-        pytest.skip(f"needs a {name} device ({ {'cuda': 'NVIDIA GPU', 'npu': 'Ascend NPU with torch_npu', 'tpu': 'Sophon TPU with torch_tpu'}[name] }); none here")
+        pytest.skip(f"needs {HARDWARE[name]}; none is available here")
     device = platform.torch_device(0)
     x = torch.ones(1024, device=device)
     platform.synchronize(device)

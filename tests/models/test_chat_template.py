@@ -129,7 +129,9 @@ def test_tojson_matches_json_dumps() -> None:
 
 def test_strftime_now_loop_controls_and_trimming() -> None:
     assert render_chat_template("{{ strftime_now('%Y') }}", []) == str(datetime.now().year)
-    template = "{% for m in messages %}\n  {% if m == 2 %}{% break %}{% endif %}\n{{ m }}\n{% endfor %}"
+    template = (
+        "{% for m in messages %}\n  {% if m == 2 %}{% break %}{% endif %}\n{{ m }}\n{% endfor %}"
+    )
     assert render_chat_template(template, [1, 2, 3]) == "1\n"  # type: ignore[list-item]
     assert render_chat_template("{{ messages | length }}{{ tools }}", [{}]) == "1None"
 

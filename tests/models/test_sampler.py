@@ -76,7 +76,9 @@ def test_mixed_greedy_and_random_rows() -> None:
     logits = torch.zeros(4, vocab)  # uniform: random rows almost surely leave the argmax (0)
     temps = [0.0, 1.0, 0.0, 1.0]
     torch.manual_seed(0)
-    outs = torch.stack([sample(logits, make_batch(4, vocab, temperatures=temps)).token_ids for _ in range(20)])
+    outs = torch.stack(
+        [sample(logits, make_batch(4, vocab, temperatures=temps)).token_ids for _ in range(20)]
+    )
     assert (outs[:, 0] == 0).all() and (outs[:, 2] == 0).all()
     assert (outs[:, 1] != 0).any() and (outs[:, 3] != 0).any()
 
@@ -133,7 +135,13 @@ def test_repetition_penalty_matches_transformers() -> None:
     prompts = [[1, 2, 3, 3], [5, 6]]
     outputs = [[7, 1, 30], []]
     penalty = 1.3
-    batch = make_batch(2, vocab, repetition_penalties=[penalty] * 2, prompt_token_ids=prompts, output_token_ids=outputs)
+    batch = make_batch(
+        2,
+        vocab,
+        repetition_penalties=[penalty] * 2,
+        prompt_token_ids=prompts,
+        output_token_ids=outputs,
+    )
     ours = apply_penalties(logits, batch)
     for i in range(2):
         input_ids = torch.tensor([prompts[i] + outputs[i]])
@@ -203,7 +211,9 @@ def test_logprobs_are_raw_log_softmax_and_top_ids_sorted() -> None:
 def test_temperature_sampling_frequencies_match_softmax() -> None:
     vocab, rows, temperature = 6, 20000, 0.7
     logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
-    batch = make_batch(rows, vocab, temperatures=[temperature] * rows, generators=[seeded(0)] + [None] * (rows - 1))
+    batch = make_batch(
+        rows, vocab, temperatures=[temperature] * rows, generators=[seeded(0)] + [None] * (rows - 1)
+    )
     torch.manual_seed(0)  # fixed noise: the check is deterministic
     tokens = sample(logits.expand(rows, vocab), batch).token_ids
     observed = torch.bincount(tokens, minlength=vocab).float() / rows
