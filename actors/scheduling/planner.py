@@ -114,9 +114,8 @@ class Planner:
                 self._reuse_prefix(req)
             remaining = req.num_tokens - req.num_computed
             n = min(remaining, budget)
-            if not self.limits.enable_chunked_prefill and n < remaining:
-                break
-            if not self._grow(req, n):
+            if (not self.limits.enable_chunked_prefill and n < remaining) or not self._grow(req, n):
+                self._free(req)  # hold no blocks while waiting
                 break
             self.waiting.popleft()
             self.running.append(req)

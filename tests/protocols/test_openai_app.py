@@ -22,9 +22,17 @@ Script = Callable[[GenerateRequest], list[RequestOutput]]
 
 def hello(req: GenerateRequest) -> list[RequestOutput]:
     rid = req.request_id
-    return [RequestOutput(rid, text="Hel", token_ids=[1]),
-            RequestOutput(rid, text="lo", token_ids=[2], finish_reason="stop", prompt_tokens=3,
-                          completion_tokens=2)]
+    return [
+        RequestOutput(rid, text="Hel", token_ids=[1]),
+        RequestOutput(
+            rid,
+            text="lo",
+            token_ids=[2],
+            finish_reason="stop",
+            prompt_tokens=3,
+            completion_tokens=2,
+        ),
+    ]
 
 
 class FakeClient:
@@ -60,7 +68,7 @@ def events(text: str) -> list[dict | str]:
     for block in text.split("\n\n"):
         if block:
             assert block.startswith("data: ")
-            data = block[len("data: "):]
+            data = block[len("data: ") :]
             out.append(data if data == "[DONE]" else orjson.loads(data))
     return out
 
@@ -84,8 +92,10 @@ def test_model_omitted_uses_first_served_name():
 
 def test_chat_stream_with_usage():
     _, http = make()
-    r = http.post("/v1/chat/completions",
-                  json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    r = http.post(
+        "/v1/chat/completions",
+        json={**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     evs = events(r.text)
     assert evs[-1] == "[DONE]"
@@ -122,8 +132,10 @@ def test_engine_refusal_is_http_error_even_when_streaming(stream):
 
 def fail_midway(req: GenerateRequest) -> list[RequestOutput]:
     info = ErrorInfo("executor died", type="InternalServerError", code=500)
-    return [RequestOutput(req.request_id, text="a", token_ids=[1]),
-            RequestOutput(req.request_id, finish_reason="error", error=info)]
+    return [
+        RequestOutput(req.request_id, text="a", token_ids=[1]),
+        RequestOutput(req.request_id, finish_reason="error", error=info),
+    ]
 
 
 def test_error_mid_stream_is_an_error_event_then_done():
@@ -131,8 +143,14 @@ def test_error_mid_stream_is_an_error_event_then_done():
     r = http.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert r.status_code == 200
     evs = events(r.text)
-    assert evs[-2] == {"error": {"message": "executor died", "type": "InternalServerError",
-                                 "param": None, "code": 500}}
+    assert evs[-2] == {
+        "error": {
+            "message": "executor died",
+            "type": "InternalServerError",
+            "param": None,
+            "code": 500,
+        }
+    }
     assert evs[-1] == "[DONE]"
 
 
@@ -141,10 +159,15 @@ def test_error_mid_generation_non_stream_is_http_500():
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 500
 
 
-@pytest.mark.parametrize("body,param", [
-    ({**CHAT, "temperature": -1}, "temperature"), ({**CHAT, "top_p": 2}, "top_p"),
-    ({**CHAT, "n": 2}, "n"), ({"model": "tiny"}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({**CHAT, "temperature": -1}, "temperature"),
+        ({**CHAT, "top_p": 2}, "top_p"),
+        ({**CHAT, "n": 2}, "n"),
+        ({"model": "tiny"}, "messages"),
+    ],
+)
 def test_validation_errors_are_400_openai_bodies(body, param):
     fake, http = make()
     r = http.post("/v1/chat/completions", json=body)
@@ -156,8 +179,9 @@ def test_validation_errors_are_400_openai_bodies(body, param):
 
 def test_malformed_json_is_400():
     _, http = make()
-    r = http.post("/v1/completions", content=b"{not json",
-                  headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError"
 
 
@@ -165,8 +189,12 @@ def test_unknown_model_is_404():
     _, http = make()
     r = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404
-    assert r.json()["error"] == {"message": "The model `nope` does not exist.",
-                                 "type": "NotFoundError", "param": "model", "code": 404}
+    assert r.json()["error"] == {
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
 
 
 def test_models_list():
@@ -203,8 +231,9 @@ def test_unknown_route_is_openai_404():
 
 
 def test_closing_the_event_stream_early_closes_the_engine_stream():
-    fake = FakeClient(lambda req: [RequestOutput(req.request_id, text=str(i), token_ids=[i])
-                                   for i in range(100)])
+    fake = FakeClient(
+        lambda req: [RequestOutput(req.request_id, text=str(i), token_ids=[i]) for i in range(100)]
+    )
 
     async def main() -> None:
         req = GenerateRequest("rid")

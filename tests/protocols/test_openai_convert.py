@@ -24,17 +24,39 @@ def chat(**kw) -> ChatCompletionRequest:
 
 
 def test_chat_request_maps_every_sampling_field():
-    req = chat(max_tokens=7, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=3,
-               stop="END", stop_token_ids=[9], ignore_eos=True, min_tokens=2,
-               presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.1,
-               logprobs=True, top_logprobs=3, skip_special_tokens=False,
-               include_stop_str_in_output=True, chat_template_kwargs={"enable_thinking": False},
-               add_generation_prompt=False, mm_processor_kwargs={"max_pixels": 1000})
+    req = chat(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=5,
+        min_p=0.1,
+        seed=3,
+        stop="END",
+        stop_token_ids=[9],
+        ignore_eos=True,
+        min_tokens=2,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repetition_penalty=1.1,
+        logprobs=True,
+        top_logprobs=3,
+        skip_special_tokens=False,
+        include_stop_str_in_output=True,
+        chat_template_kwargs={"enable_thinking": False},
+        add_generation_prompt=False,
+        mm_processor_kwargs={"max_pixels": 1000},
+    )
     gen = convert.chat_request(req, "rid")
     s = gen.sampling
     assert gen.request_id == "rid" and gen.messages == MESSAGES and gen.prompt is None
-    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (7, 0.5, 0.9, 5,
-                                                                                0.1, 3)
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (
+        7,
+        0.5,
+        0.9,
+        5,
+        0.1,
+        3,
+    )
     assert s.stop == ["END"] and s.stop_token_ids == [9] and s.ignore_eos and s.min_tokens == 2
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -0.5, 1.1)
     assert s.logprobs == 3 and not s.skip_special_tokens and s.include_stop_str_in_output
@@ -49,8 +71,10 @@ def test_chat_defaults_leave_sampling_defaults():
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
-    assert convert.chat_request(chat(max_tokens=5, max_completion_tokens=9), "r").sampling \
-        .max_tokens == 9
+    assert (
+        convert.chat_request(chat(max_tokens=5, max_completion_tokens=9), "r").sampling.max_tokens
+        == 9
+    )
 
 
 def test_chat_logprobs_without_top_logprobs_is_zero_alternatives():
@@ -64,17 +88,30 @@ def test_top_logprobs_needs_logprobs():
 
 
 def test_image_parts_pass_through_untouched():
-    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-             {"type": "text", "text": "what is this?"}]
+    parts = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "what is this?"},
+    ]
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}])
     assert convert.chat_request(req, "r").messages[0]["content"] == parts
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("presence_penalty", 2.5),
-    ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("top_logprobs", 21),
-    ("max_tokens", 0), ("min_p", 1.5), ("top_k", -2), ("min_tokens", -1),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0.0),
+        ("top_logprobs", 21),
+        ("max_tokens", 0),
+        ("min_p", 1.5),
+        ("top_k", -2),
+        ("min_tokens", -1),
+    ],
+)
 def test_out_of_range_values_are_rejected(field, value):
     with pytest.raises(ValidationError):
         chat(**{field: value})
@@ -121,10 +158,15 @@ def test_resolve_model():
     assert info.message == "The model `x` does not exist."
 
 
-@pytest.mark.parametrize("prompt,text,ids", [
-    ("hello", "hello", None), (["hello"], "hello", None), ([1, 2, 3], None, [1, 2, 3]),
-    ([[4, 5]], None, [4, 5]),
-])
+@pytest.mark.parametrize(
+    "prompt,text,ids",
+    [
+        ("hello", "hello", None),
+        (["hello"], "hello", None),
+        ([1, 2, 3], None, [1, 2, 3]),
+        ([[4, 5]], None, [4, 5]),
+    ],
+)
 def test_completion_prompt_forms(prompt, text, ids):
     gen = convert.completion_request(CompletionRequest(model="m", prompt=prompt), "r")
     assert gen.prompt == text and gen.prompt_token_ids == ids and gen.messages is None
@@ -135,11 +177,19 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
     assert gen.sampling.max_tokens == 16 and gen.sampling.logprobs == 2
 
 
-@pytest.mark.parametrize("kw", [
-    {"prompt": ["a", "b"]}, {"prompt": ""}, {"prompt": []}, {"prompt": [1, -1]},
-    {"prompt": "x", "echo": True}, {"prompt": "x", "best_of": 2}, {"prompt": "x", "n": 3},
-    {"prompt": "x", "suffix": "y"},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"prompt": ["a", "b"]},
+        {"prompt": ""},
+        {"prompt": []},
+        {"prompt": [1, -1]},
+        {"prompt": "x", "echo": True},
+        {"prompt": "x", "best_of": 2},
+        {"prompt": "x", "n": 3},
+        {"prompt": "x", "suffix": "y"},
+    ],
+)
 def test_completion_rejections(kw):
     with pytest.raises(OpenAIError):
         convert.completion_request(CompletionRequest(model="m", **kw), "r")
@@ -164,13 +214,15 @@ def test_chat_logprobs_shape_and_clamp():
     assert entry["bytes"] == list("hé".encode())
     assert [t["token"] for t in entry["top_logprobs"]] == ["hé", "x"]
     assert entry["top_logprobs"][1]["logprob"] == convert.LOGPROB_FLOOR
-    assert convert.chat_logprobs([pos("a", -1.0, ("a", -1.0))], 0)["content"][0][
-        "top_logprobs"] == []
+    assert (
+        convert.chat_logprobs([pos("a", -1.0, ("a", -1.0))], 0)["content"][0]["top_logprobs"] == []
+    )
 
 
 def test_completion_logprobs_shape_and_offsets():
-    out = convert.completion_logprobs([pos("ab", -0.1, ("ab", -0.1), ("c", -2.0)),
-                                       pos("c", -0.2, ("d", -1.0))], top_k=2, offset=5)
+    out = convert.completion_logprobs(
+        [pos("ab", -0.1, ("ab", -0.1), ("c", -2.0)), pos("c", -0.2, ("d", -1.0))], top_k=2, offset=5
+    )
     assert out["tokens"] == ["ab", "c"] and out["token_logprobs"] == [-0.1, -0.2]
     assert out["top_logprobs"] == [{"ab": -0.1, "c": -2.0}, {"d": -1.0, "c": -0.2}]
     assert out["text_offset"] == [5, 7]
@@ -179,9 +231,16 @@ def test_completion_logprobs_shape_and_offsets():
 def outputs() -> list[RequestOutput]:
     return [
         RequestOutput("r", text="Hel", token_ids=[1], logprobs=[pos("Hel", -0.1)]),
-        RequestOutput("r", text="lo", token_ids=[2], logprobs=[pos("lo", -0.2)],
-                      finish_reason="length", prompt_tokens=4, completion_tokens=2,
-                      cached_tokens=1),
+        RequestOutput(
+            "r",
+            text="lo",
+            token_ids=[2],
+            logprobs=[pos("lo", -0.2)],
+            finish_reason="length",
+            prompt_tokens=4,
+            completion_tokens=2,
+            cached_tokens=1,
+        ),
     ]
 
 
@@ -195,8 +254,12 @@ def test_chat_response_shape():
     assert choice["message"] == {"role": "assistant", "content": "Hello"}
     assert choice["finish_reason"] == "length"
     assert [e["token"] for e in choice["logprobs"]["content"]] == ["Hel", "lo"]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
-                             "prompt_tokens_details": {"cached_tokens": 1}}
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 2,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
 
 
 def test_completion_response_shape():

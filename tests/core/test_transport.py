@@ -1,0 +1,40 @@
+"""Real ZMQ sockets over ipc:// and tcp://: records cross processes' sockets intact."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from core.addresses import make_addresses
+from core.transport import Transport
+from protocols.messages import AbortRequest, GenerateRequest
+
+
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+def test_push_pull_delivers_records_in_order(kind: str, tmp_path) -> None:
+    addr = make_addresses(kind, str(tmp_path), 1, 1).scheduler
+
+    async def main() -> list:
+        t = Transport()
+        try:
+            inbox = t.mailbox(addr)
+            out = t.outbox(addr)
+            for i in range(5):
+                await out.send(AbortRequest(f"r{i}"))
+            await out.send(GenerateRequest("g"))
+            with anyio.fail_after(5):
+                return [await inbox.recv() for _ in range(6)]
+        finally:
+            t.close()
+
+    got = anyio.run(main)
+    assert [r.request_id for r in got] == ["r0", "r1", "r2", "r3", "r4", "g"]
+    assert isinstance(got[-1], GenerateRequest)
+
+
+def test_ipc_addresses_live_in_the_run_dir(tmp_path) -> None:
+    a = make_addresses("ipc", str(tmp_path), 2, 3)
+    assert len(a.plans) == 2 and len(a.detokenizers) == 3
+    assert all(x.startswith(f"ipc://{tmp_path}/") for x in [a.front, *a.plans, *a.detokenizers])
+    with pytest.raises(ValueError):
+        make_addresses("udp", str(tmp_path), 1, 1)
