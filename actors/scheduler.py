@@ -87,13 +87,15 @@ class SchedulerActor(Actor):
 
     async def _step_loop(self) -> None:
         while True:
+            preempted_before = self.planner.stats.preemptions
             plan = self.planner.schedule()
+            if self.planner.stats.preemptions > preempted_before:
+                self.log.warning("KV cache full: preempted requests for recompute",
+                                 count=self.planner.stats.preemptions - preempted_before,
+                                 kv_blocks=self.pool.num_blocks)
             if plan is None:
                 self.wake = anyio.Event()
-                if not self.planner.has_work:
-                    await self.wake.wait()
-                else:
-                    await self.wake.wait()
+                await self.wake.wait()
                 continue
             for out in self.plans:
                 await out.send(plan)

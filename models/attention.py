@@ -21,13 +21,18 @@ def allocate_kv_cache(
     """Per layer (k_cache, v_cache), each [num_blocks * block_size, num_kv_heads, head_dim]."""
     shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
     return [
-        (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        (
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
         for _ in range(config.num_layers)
     ]
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    per_token = (
+        2 * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+    )
     return per_token * block_size * config.num_layers
 
 

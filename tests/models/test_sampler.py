@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from models import sampler
 from models.sampler import (
     SamplingBatch,
     apply_min_p,
@@ -96,6 +97,34 @@ def test_top_k_and_top_p_keep_the_expected_tokens() -> None:
     kept_min_p = apply_min_p(logits, make_batch(2, 5, min_ps=[0.5, 0.0]))
     assert torch.isfinite(kept_min_p[0]).tolist() == [False, True, True, False, False]
     assert torch.isfinite(kept_min_p[1]).all()
+
+
+@pytest.mark.parametrize(
+    ("candidates", "flat_row", "uses_candidates"),
+    [(1024, True, True), (64, False, True), (64, True, False)],
+)
+def test_top_p_candidate_path_matches_full_sort(
+    monkeypatch: pytest.MonkeyPatch, candidates: int, flat_row: bool, uses_candidates: bool
+) -> None:
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", candidates)
+    vocab = 300
+    logits = random_logits(6, vocab, seed=6)
+    if flat_row:  # its 0.9 nucleus spans most of the vocabulary, past 64 candidates
+        logits[5] = 0.01 * logits[5]
+    batch = make_batch(
+        6,
+        vocab,
+        top_ps=[0.9, 0.5, 1.0, 0.95, 1.0, 0.9],
+        top_ks=[0, 10, 20, 0, 0, 0],
+    )
+    candidate_result = sampler._top_k_top_p_among_candidates(logits, batch)
+    assert (candidate_result is not None) == uses_candidates
+    got = apply_top_k_top_p(logits, batch)
+    want = sampler._top_k_top_p_sorted(logits, batch)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.equal(got[torch.isfinite(got)], want[torch.isfinite(want)])
+    assert torch.isfinite(got[4]).all()  # neither top-k nor top-p: untouched
+    assert int(torch.isfinite(got[2]).sum()) == 20
 
 
 def test_seed_reproducible_across_batch_compositions() -> None:
