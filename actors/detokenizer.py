@@ -62,9 +62,15 @@ class DetokenizerActor(Actor):
             if d.sampling is None:
                 return None  # finished here by a stop string; late tokens are dropped
             sp = d.sampling
-            st = StreamState(IncrementalDetokenizer(
-                self.tokenizer, None, sp.skip_special_tokens, sp.stop,
-                sp.include_stop_str_in_output))
+            st = StreamState(
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    None,
+                    sp.skip_special_tokens,
+                    sp.stop,
+                    sp.include_stop_str_in_output,
+                )
+            )
             self.streams[d.request_id] = st
         st.completion_tokens += len(d.token_ids)
         text, matched = st.detok.push(d.token_ids)

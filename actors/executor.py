@@ -53,9 +53,14 @@ class ExecutorActor(Actor):
         self.max_model_len, self.num_blocks = self._size_kv_pool()
         self.kv = allocate_kv_cache(mc, self.num_blocks, c.block_size, self.device, self.dtype)
         self.log.info(
-            "model loaded", model=c.model, device=str(self.device), dtype=str(self.dtype),
-            seconds=round(time.monotonic() - t0, 2), kv_blocks=self.num_blocks,
-            block_size=c.block_size, max_model_len=self.max_model_len,
+            "model loaded",
+            model=c.model,
+            device=str(self.device),
+            dtype=str(self.dtype),
+            seconds=round(time.monotonic() - t0, 2),
+            kv_blocks=self.num_blocks,
+            block_size=c.block_size,
+            max_model_len=self.max_model_len,
             max_concurrency=round(self.num_blocks * c.block_size / self.max_model_len, 2),
         )
         self.seqs: dict[str, SequenceState] = {}
@@ -83,14 +88,17 @@ class ExecutorActor(Actor):
         fits = num_blocks * c.block_size
         if c.max_model_len is not None:
             if c.max_model_len > mc.max_position_embeddings:
-                raise ValueError(f"--max-model-len {c.max_model_len} exceeds the model's "
-                                 f"max_position_embeddings {mc.max_position_embeddings}")
+                raise ValueError(
+                    f"--max-model-len {c.max_model_len} exceeds the model's "
+                    f"max_position_embeddings {mc.max_position_embeddings}"
+                )
             if c.max_model_len > fits:
                 raise ValueError(
                     f"--max-model-len {c.max_model_len} does not fit in the KV cache: "
                     f"{budget} bytes hold {num_blocks} blocks of {c.block_size} tokens "
                     f"({fits} tokens). Lower --max-model-len or raise --kv-cache-memory / "
-                    "--memory-utilization.")
+                    "--memory-utilization."
+                )
             return c.max_model_len, num_blocks
         if fits < 1:
             raise ValueError(f"no KV block fits in {budget} bytes; raise --kv-cache-memory")
@@ -114,8 +122,7 @@ class ExecutorActor(Actor):
             t0 = time.perf_counter()
             sampled = await anyio.to_thread.run_sync(self.execute, plan)
             if self.results is not None:
-                await self.results.send(StepResult(plan.step_id, sampled,
-                                                   time.perf_counter() - t0))
+                await self.results.send(StepResult(plan.step_id, sampled, time.perf_counter() - t0))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
@@ -127,10 +134,18 @@ class ExecutorActor(Actor):
             positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
         dev = self.device
         meta = AttentionMetadata.build(
-            [len(s.token_ids) for s in seqs], [s.start_pos for s in seqs],
-            [s.block_table for s in seqs], self.config.block_size, dev)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), meta, self.kv)
+            [len(s.token_ids) for s in seqs],
+            [s.start_pos for s in seqs],
+            [s.block_table for s in seqs],
+            self.config.block_size,
+            dev,
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+            self.kv,
+        )
         rows, states = [], []
         end = 0
         for s in seqs:
@@ -152,8 +167,11 @@ class ExecutorActor(Actor):
             k = st.new.sampling.logprobs
             logprobs = None
             if k is not None and lp is not None:
-                top = [TokenLogprob(t, v) for t, v in zip(top_ids[i][:k], top_lps[i][:k])] \
-                    if top_ids is not None else []
+                top = (
+                    [TokenLogprob(t, v) for t, v in zip(top_ids[i][:k], top_lps[i][:k])]
+                    if top_ids is not None
+                    else []
+                )
                 logprobs = PositionLogprobs(TokenLogprob(token_ids[i], lp[i]), top)
             result.append(SampledToken(st.new.request_id, token_ids[i], logprobs))
         return result
@@ -170,8 +188,9 @@ class ExecutorActor(Actor):
             frequency_penalties=[sp.frequency_penalty for sp in sps],
             repetition_penalties=[sp.repetition_penalty for sp in sps],
             min_tokens=[sp.min_tokens for sp in sps],
-            stop_ids_for_min_tokens=[s.new.eos_token_ids + sp.stop_token_ids
-                                     for s, sp in zip(states, sps)],
+            stop_ids_for_min_tokens=[
+                s.new.eos_token_ids + sp.stop_token_ids for s, sp in zip(states, sps)
+            ],
             prompt_token_ids=[s.new.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
             generators=[s.generator for s in states],

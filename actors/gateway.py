@@ -41,11 +41,15 @@ class GatewayActor(Actor):
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._serve_clients)
-            tg.start_soon(self.serve, self.inbox, {
-                OutputBatch: self.on_outputs,
-                RequestError: self.on_error,
-                ActorReady: self.on_engine_ready,
-            })
+            tg.start_soon(
+                self.serve,
+                self.inbox,
+                {
+                    OutputBatch: self.on_outputs,
+                    RequestError: self.on_error,
+                    ActorReady: self.on_engine_ready,
+                },
+            )
 
     async def _serve_clients(self) -> None:
         while True:
@@ -67,11 +71,15 @@ class GatewayActor(Actor):
 
     async def _admit(self, ident: bytes, req: GenerateRequest) -> None:
         if req.request_id in self.clients:
-            err = ErrorInfo(f"request id {req.request_id!r} is already in flight", param="request_id")
+            err = ErrorInfo(
+                f"request id {req.request_id!r} is already in flight", param="request_id"
+            )
             await self._reply(ident, _error_batch(req.request_id, err))
             return
         if not self.ready:
-            err = ErrorInfo("the engine is still starting", type="ServiceUnavailableError", code=503)
+            err = ErrorInfo(
+                "the engine is still starting", type="ServiceUnavailableError", code=503
+            )
             await self._reply(ident, _error_batch(req.request_id, err))
             return
         self.clients[req.request_id] = ident
@@ -91,8 +99,9 @@ class GatewayActor(Actor):
             by_client.setdefault(ident, []).append(out)
             if out.finish_reason is not None:
                 del self.clients[out.request_id]
-                self.log.debug("request finished", request_id=out.request_id,
-                               finish_reason=out.finish_reason)
+                self.log.debug(
+                    "request finished", request_id=out.request_id, finish_reason=out.finish_reason
+                )
         for ident, outs in by_client.items():
             await self._reply(ident, OutputBatch(outs))
 

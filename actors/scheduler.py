@@ -33,15 +33,19 @@ class SchedulerActor(Actor):
     async def setup(self) -> dict[str, Any]:
         info = self.engine_info
         c = self.config
-        self.pool = BlockPool(int(info["num_blocks"]), int(info["block_size"]),
-                              c.enable_prefix_caching)
+        self.pool = BlockPool(
+            int(info["num_blocks"]), int(info["block_size"]), c.enable_prefix_caching
+        )
         self.max_model_len = int(info["max_model_len"])
-        self.planner = Planner(self.pool, PlannerLimits(
-            max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=max(c.max_num_batched_tokens, 1),
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=c.enable_chunked_prefill,
-        ))
+        self.planner = Planner(
+            self.pool,
+            PlannerLimits(
+                max_num_seqs=c.max_num_seqs,
+                max_num_batched_tokens=max(c.max_num_batched_tokens, 1),
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=c.enable_chunked_prefill,
+            ),
+        )
         a = self.addresses
         self.inbox = self.transport.mailbox(a.scheduler)
         self.results = self.transport.mailbox(a.results)
@@ -55,8 +59,11 @@ class SchedulerActor(Actor):
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self.serve, self.inbox,
-                          {TokenizedRequest: self.on_request, AbortRequest: self.on_abort})
+            tg.start_soon(
+                self.serve,
+                self.inbox,
+                {TokenizedRequest: self.on_request, AbortRequest: self.on_abort},
+            )
             tg.start_soon(self._step_loop)
             tg.start_soon(self._stats_loop)
 
@@ -65,8 +72,11 @@ class SchedulerActor(Actor):
             return
         total = len(req.prompt_token_ids) + req.max_tokens
         if self.planner.blocks_needed(min(total, self.max_model_len)) > self.pool.num_blocks:
-            err = ErrorInfo(f"the request needs {total} tokens of KV cache but the pool holds "
-                            f"{self.pool.num_blocks * self.pool.block_size}", param="max_tokens")
+            err = ErrorInfo(
+                f"the request needs {total} tokens of KV cache but the pool holds "
+                f"{self.pool.num_blocks * self.pool.block_size}",
+                param="max_tokens",
+            )
             await self.to_gateway.send(RequestError(req.request_id, err))
             return
         self.planner.add(RequestState.from_tokenized(req))
@@ -90,9 +100,11 @@ class SchedulerActor(Actor):
             preempted_before = self.planner.stats.preemptions
             plan = self.planner.schedule()
             if self.planner.stats.preemptions > preempted_before:
-                self.log.warning("KV cache full: preempted requests for recompute",
-                                 count=self.planner.stats.preemptions - preempted_before,
-                                 kv_blocks=self.pool.num_blocks)
+                self.log.warning(
+                    "KV cache full: preempted requests for recompute",
+                    count=self.planner.stats.preemptions - preempted_before,
+                    kv_blocks=self.pool.num_blocks,
+                )
             if plan is None:
                 self.wake = anyio.Event()
                 await self.wake.wait()
@@ -109,8 +121,12 @@ class SchedulerActor(Actor):
             for idx, deltas in batches.items():
                 await self.detoks[idx].send(TokenBatch(deltas))
             for fin in update.finished:
-                self.log.debug("request finished", request_id=fin.request.request_id,
-                               reason=fin.reason, tokens=len(fin.request.output_token_ids))
+                self.log.debug(
+                    "request finished",
+                    request_id=fin.request.request_id,
+                    reason=fin.reason,
+                    tokens=len(fin.request.output_token_ids),
+                )
 
     async def _stats_loop(self) -> None:
         interval = self.config.log_stats_interval_s

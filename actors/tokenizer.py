@@ -26,8 +26,9 @@ class TokenizerActor(Actor):
         self.tokenizer = TextTokenizer.load(self.config.model)
         self.max_model_len = int(self.engine_info["max_model_len"])
         self.vocab_size = int(self.engine_info.get("vocab_size") or self.tokenizer.vocab_size)
-        self.eos_ids = sorted(set(self.tokenizer.eos_token_ids)
-                              | set(self.engine_info.get("eos_token_ids", [])))
+        self.eos_ids = sorted(
+            set(self.tokenizer.eos_token_ids) | set(self.engine_info.get("eos_token_ids", []))
+        )
         self.inbox = self.transport.mailbox(self.addresses.tokenizer, bind=False)
         self.to_scheduler = self.transport.outbox(self.addresses.scheduler)
         self.to_gateway = self.transport.outbox(self.addresses.gateway)
@@ -59,8 +60,10 @@ class TokenizerActor(Actor):
             ids = list(req.prompt_token_ids or [])
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
-                raise RequestInvalid(f"token id {bad[0]!r} is out of vocabulary "
-                                     f"[0, {self.vocab_size})", param="prompt")
+                raise RequestInvalid(
+                    f"token id {bad[0]!r} is out of vocabulary [0, {self.vocab_size})",
+                    param="prompt",
+                )
         if not ids:
             raise RequestInvalid("the prompt is empty", param="prompt")
         sp = req.sampling
@@ -68,11 +71,13 @@ class TokenizerActor(Actor):
         if sp.logprobs is not None and not 0 <= sp.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestInvalid(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
         if any(not 0 <= t < self.vocab_size for t in sp.stop_token_ids):
-            raise RequestInvalid("stop_token_ids holds an id outside the vocabulary",
-                                 param="stop_token_ids")
+            raise RequestInvalid(
+                "stop_token_ids holds an id outside the vocabulary", param="stop_token_ids"
+            )
         if sp.min_tokens < 0 or sp.min_tokens > max_tokens:
-            raise RequestInvalid(f"min_tokens must be in [0, max_tokens={max_tokens}]",
-                                 param="min_tokens")
+            raise RequestInvalid(
+                f"min_tokens must be in [0, max_tokens={max_tokens}]", param="min_tokens"
+            )
         return TokenizedRequest(
             request_id=req.request_id,
             prompt_token_ids=ids,
@@ -89,8 +94,9 @@ class TokenizerActor(Actor):
             if isinstance(content, list) and any(
                 isinstance(p, dict) and p.get("type") not in ("text", None) for p in content
             ):
-                raise RequestInvalid("this model accepts text only: remove the image parts",
-                                     param="messages")
+                raise RequestInvalid(
+                    "this model accepts text only: remove the image parts", param="messages"
+                )
         try:
             text = self.tokenizer.apply_chat_template(
                 flatten_text_content(messages),
@@ -98,8 +104,9 @@ class TokenizerActor(Actor):
                 **req.chat_template_kwargs,
             )
         except ValueError as exc:
-            raise RequestInvalid(f"cannot apply the chat template: {exc}",
-                                 param="messages") from exc
+            raise RequestInvalid(
+                f"cannot apply the chat template: {exc}", param="messages"
+            ) from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_lengths(self, n_prompt: int, max_tokens: int | None) -> int:

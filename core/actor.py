@@ -76,8 +76,9 @@ class Actor:
                 raise SystemExit(0)
 
 
-async def _main(actor_cls: type[Actor], spec: ActorSpec, config: EngineConfig,
-                addresses: Addresses) -> None:
+async def _main(
+    actor_cls: type[Actor], spec: ActorSpec, config: EngineConfig, addresses: Addresses
+) -> None:
     actor = actor_cls(spec, config, addresses)
     control = actor.transport.outbox(addresses.control)
     try:
@@ -95,7 +96,9 @@ async def _main(actor_cls: type[Actor], spec: ActorSpec, config: EngineConfig,
                 info = await actor.setup()
             except Exception as exc:
                 actor.log.error("setup failed", error=str(exc))
-                await control.send(ActorFailed(actor=actor.name, error=f"{type(exc).__name__}: {exc}"))
+                await control.send(
+                    ActorFailed(actor=actor.name, error=f"{type(exc).__name__}: {exc}")
+                )
                 await anyio.sleep(0.2)
                 raise SystemExit(3) from exc
             await control.send(ActorReady(actor=actor.name, pid=os.getpid(), info=info))
@@ -128,8 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     module, cls_name = spec.target.split(":")
     actor_cls = getattr(importlib.import_module(module), cls_name)
     try:
-        anyio.run(_main, actor_cls, spec, config, addresses, backend="asyncio",
-                  backend_options={"use_uvloop": True})
+        anyio.run(
+            _main,
+            actor_cls,
+            spec,
+            config,
+            addresses,
+            backend="asyncio",
+            backend_options={"use_uvloop": True},
+        )
     except KeyboardInterrupt:
         pass
 

@@ -78,7 +78,9 @@ def _to_plain(value: Any, frames: list) -> Any:
         frames.append(value.data)
         return {"__frame__": len(frames) - 1, "dtype": value.dtype, "shape": list(value.shape)}
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name), frames) for f in dataclasses.fields(value)}
+        return {
+            f.name: _to_plain(getattr(value, f.name), frames) for f in dataclasses.fields(value)
+        }
     if isinstance(value, (list, tuple)):
         return [_to_plain(v, frames) for v in value]
     if isinstance(value, dict):

@@ -67,28 +67,50 @@ class EngineConfig:
 def build_parser() -> argparse.ArgumentParser:
     d = EngineConfig()
     p = argparse.ArgumentParser(prog="python -m core.launch", description="Start a Tessera engine.")
-    p.add_argument("--model", default=d.model, help="HF checkpoint folder or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help="HF checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--served-model-name", nargs="+", default=[], help="names clients may use")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"))
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "npu", "tpu"])
-    p.add_argument("--dtype", default=d.dtype,
-                   choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16"])
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16"],
+    )
     p.add_argument("--max-model-len", "--max_model_len", type=int, default=None)
     p.add_argument("--max-num-seqs", "--max_num_seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--max-num-batched-tokens", "--max_num_batched_tokens", type=int,
-                   default=d.max_num_batched_tokens)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        "--max_num_batched_tokens",
+        type=int,
+        default=d.max_num_batched_tokens,
+    )
     p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--memory-utilization", "--gpu-memory-utilization", "--max_memory_utilization",
-                   "--max-memory-utilization", dest="memory_utilization", type=float,
-                   default=d.memory_utilization)
+    p.add_argument(
+        "--memory-utilization",
+        "--gpu-memory-utilization",
+        "--max_memory_utilization",
+        "--max-memory-utilization",
+        dest="memory_utilization",
+        type=float,
+        default=d.memory_utilization,
+    )
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=d.enable_prefix_caching)
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
-                   default=d.enable_chunked_prefill)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+    )
+    p.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_chunked_prefill,
+    )
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
     p.add_argument("--tokenizer-workers", type=int, default=d.tokenizer_workers)
     p.add_argument("--detokenizer-workers", type=int, default=d.detokenizer_workers)
@@ -103,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp-base-port", type=int, default=d.tcp_base_port)
     p.add_argument("--no-http", dest="http", action="store_false", help="engine only (ZMQ SDK)")
     p.add_argument("--log-level", default=d.log_level)
-    p.add_argument("--log-stats-interval", dest="log_stats_interval_s", type=float,
-                   default=d.log_stats_interval_s)
+    p.add_argument(
+        "--log-stats-interval",
+        dest="log_stats_interval_s",
+        type=float,
+        default=d.log_stats_interval_s,
+    )
     return p
 
 

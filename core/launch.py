@@ -38,16 +38,25 @@ def topology(config: EngineConfig) -> list[StageGroup]:
         ActorSpec(f"executor{r}", "actors.executor:ExecutorActor", index=r)
         for r in range(config.tensor_parallel_size)
     ]
-    engine = [ActorSpec("scheduler", "actors.scheduler:SchedulerActor"),
-              ActorSpec("gateway", "actors.gateway:GatewayActor")]
-    stateless = [ActorSpec(f"tokenizer{i}", "actors.tokenizer:TokenizerActor", index=i)
-                 for i in range(config.tokenizer_workers)]
-    stateless += [ActorSpec(f"detokenizer{i}", "actors.detokenizer:DetokenizerActor", index=i)
-                  for i in range(config.detokenizer_workers)]
+    engine = [
+        ActorSpec("scheduler", "actors.scheduler:SchedulerActor"),
+        ActorSpec("gateway", "actors.gateway:GatewayActor"),
+    ]
+    stateless = [
+        ActorSpec(f"tokenizer{i}", "actors.tokenizer:TokenizerActor", index=i)
+        for i in range(config.tokenizer_workers)
+    ]
+    stateless += [
+        ActorSpec(f"detokenizer{i}", "actors.detokenizer:DetokenizerActor", index=i)
+        for i in range(config.detokenizer_workers)
+    ]
     groups = [StageGroup(executors), StageGroup(engine), StageGroup(stateless, restartable=True)]
     if config.http:
-        groups.append(StageGroup([ActorSpec("http", "protocols.openai.server:OpenAIServerActor")],
-                                 restartable=True))
+        groups.append(
+            StageGroup(
+                [ActorSpec("http", "protocols.openai.server:OpenAIServerActor")], restartable=True
+            )
+        )
     return groups
 
 
@@ -57,8 +66,10 @@ def resolve_model(config: EngineConfig) -> None:
         if not config.served_model_name:
             config.served_model_name = [DEFAULT_MODEL_NAME]
     elif not os.path.exists(config.model):
-        raise SystemExit(f"--model {config.model!r}: no such file or folder (models are loaded "
-                         "from local HF checkpoint folders or .gguf files)")
+        raise SystemExit(
+            f"--model {config.model!r}: no such file or folder (models are loaded "
+            "from local HF checkpoint folders or .gguf files)"
+        )
     config.model = os.path.abspath(config.model)
 
 
@@ -71,9 +82,14 @@ def run(config: EngineConfig) -> int:
     try:
         info = sup.start()
         where = f"http://{config.host}:{config.port}/v1" if config.http else "(no HTTP)"
-        sup.log.info("engine ready", model=config.model_names[0], api=where,
-                     zmq=sup.addresses.front, max_model_len=info.get("max_model_len"),
-                     kv_blocks=info.get("num_blocks"))
+        sup.log.info(
+            "engine ready",
+            model=config.model_names[0],
+            api=where,
+            zmq=sup.addresses.front,
+            max_model_len=info.get("max_model_len"),
+            kv_blocks=info.get("num_blocks"),
+        )
         print(f"Tessera ready: {where}  zmq={sup.addresses.front}", flush=True)
         code = sup.watch()
     except EngineFailed as exc:

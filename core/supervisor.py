@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import orjson
 import zmq
 
-from core.addresses import Addresses, make_addresses
 from core.actor import ActorSpec
+from core.addresses import Addresses, make_addresses
 from core.codec import CodecError, decode, encode
 from core.config import EngineConfig
 from core.control import ActorFailed, ActorReady, Heartbeat
@@ -51,8 +51,12 @@ class Supervisor:
         n_detok = sum(1 for g in groups for s in g.specs if s.name.startswith("detokenizer"))
         n_ranks = sum(1 for g in groups for s in g.specs if s.name.startswith("executor"))
         self.addresses: Addresses = make_addresses(
-            config.transport, config.run_dir, max(n_ranks, 1), max(n_detok, 1),
-            config.tcp_host, config.tcp_base_port,
+            config.transport,
+            config.run_dir,
+            max(n_ranks, 1),
+            max(n_detok, 1),
+            config.tcp_host,
+            config.tcp_base_port,
         )
         self.spec_file = os.path.join(config.run_dir, "engine.json")
         self.procs: dict[str, subprocess.Popen] = {}
@@ -129,8 +133,9 @@ class Supervisor:
         notify = self.ctx.socket(zmq.PUSH)
         notify.setsockopt(zmq.LINGER, 1000)
         notify.connect(self.addresses.gateway)
-        notify.send_multipart(encode(ActorReady(actor="engine", pid=os.getpid(),
-                                                info=self.engine_info)))
+        notify.send_multipart(
+            encode(ActorReady(actor="engine", pid=os.getpid(), info=self.engine_info))
+        )
         notify.close()
         with open(os.path.join(self.config.run_dir, "front"), "w") as f:
             f.write(self.addresses.front)

@@ -135,7 +135,10 @@ class AsyncEngineClient:
             if out.logprobs is not None:
                 merged.logprobs = (merged.logprobs or []) + out.logprobs
             merged.finish_reason, merged.stop_reason = out.finish_reason, out.stop_reason
-            merged.prompt_tokens, merged.completion_tokens = out.prompt_tokens, out.completion_tokens
+            merged.prompt_tokens, merged.completion_tokens = (
+                out.prompt_tokens,
+                out.completion_tokens,
+            )
             merged.cached_tokens = out.cached_tokens
         return merged
 
@@ -175,8 +178,9 @@ class EngineClient:
         """Submit all at once (they batch together in the engine); results in order."""
 
         async def run() -> list:
-            return await asyncio.gather(*(self._client.complete(r) for r in requests),
-                                        return_exceptions=True)
+            return await asyncio.gather(
+                *(self._client.complete(r) for r in requests), return_exceptions=True
+            )
 
         return self._call(run())
 
@@ -209,9 +213,18 @@ class EngineClient:
         self.close()
 
 
-def new_request(prompt: str | None = None, *, messages: list[dict] | None = None,
-                prompt_token_ids: list[int] | None = None, **sampling: Any) -> GenerateRequest:
+def new_request(
+    prompt: str | None = None,
+    *,
+    messages: list[dict] | None = None,
+    prompt_token_ids: list[int] | None = None,
+    **sampling: Any,
+) -> GenerateRequest:
     """Convenience constructor: `new_request("Hi", max_tokens=8, temperature=0)`."""
     return GenerateRequest(
-        request_id=uuid.uuid4().hex, prompt=prompt, messages=messages,
-        prompt_token_ids=prompt_token_ids, sampling=SamplingParams(**sampling))
+        request_id=uuid.uuid4().hex,
+        prompt=prompt,
+        messages=messages,
+        prompt_token_ids=prompt_token_ids,
+        sampling=SamplingParams(**sampling),
+    )

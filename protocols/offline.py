@@ -63,8 +63,11 @@ class LLM:
                 if time.monotonic() > deadline:
                     raise
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        sampling_params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids), batched together; outputs in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -75,14 +78,19 @@ class LLM:
             reqs.append(GenerateRequest(request_id=uuid.uuid4().hex, sampling=replace(sp), **kw))
         return self._run(reqs)
 
-    def chat(self, conversations: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        conversations: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
         """Chat with the model's template; one conversation or a list of them."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         sp = sampling_params or SamplingParams()
-        reqs = [GenerateRequest(request_id=uuid.uuid4().hex, sampling=replace(sp), messages=c)
-                for c in conversations]  # type: ignore[misc]
+        reqs = [
+            GenerateRequest(request_id=uuid.uuid4().hex, sampling=replace(sp), messages=c)
+            for c in conversations
+        ]  # type: ignore[misc]
         return self._run(reqs)
 
     def _run(self, reqs: list[GenerateRequest]) -> list[RequestOutput]:

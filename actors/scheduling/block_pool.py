@@ -7,9 +7,9 @@ owns. A freed block keeps its hash and stays reusable until it is evicted from t
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from array import array
 
 
 def block_hash(parent: bytes | None, token_ids: Sequence[int], extra: Sequence[str] = ()) -> bytes:

@@ -125,15 +125,17 @@ class Planner:
             budget -= n
             if not req.on_executor:
                 req.on_executor = True
-                new.append(NewSequence(
-                    request_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    sampling=req.sampling,
-                    eos_token_ids=req.eos_token_ids,
-                    images=req.images,
-                    mrope_position_delta=req.mrope_position_delta,
-                    output_token_ids=list(req.output_token_ids),
-                ))
+                new.append(
+                    NewSequence(
+                        request_id=req.request_id,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=req.sampling,
+                        eos_token_ids=req.eos_token_ids,
+                        images=req.images,
+                        mrope_position_delta=req.mrope_position_delta,
+                        output_token_ids=list(req.output_token_ids),
+                    )
+                )
         forget, self.to_forget = self.to_forget, []
         if not chosen:
             return StepPlan(-1, [], [], forget) if forget else None
@@ -141,13 +143,15 @@ class Planner:
         self.in_flight = {}
         for req, n in chosen:
             start = req.num_computed
-            seqs.append(ScheduledSequence(
-                request_id=req.request_id,
-                token_ids=req.tokens(start, start + n),
-                start_pos=start,
-                block_table=list(req.block_ids),
-                sample=start + n == req.num_tokens,
-            ))
+            seqs.append(
+                ScheduledSequence(
+                    request_id=req.request_id,
+                    token_ids=req.tokens(start, start + n),
+                    start_pos=start,
+                    block_table=list(req.block_ids),
+                    sample=start + n == req.num_tokens,
+                )
+            )
             self.in_flight[req.request_id] = n
             if start < len(req.prompt_token_ids):
                 self.stats.prompt_tokens += min(n, len(req.prompt_token_ids) - start)
@@ -177,8 +181,9 @@ class Planner:
         parent = None
         hits: list[int] = []
         for b in range(full):
-            h = block_hash(parent, req.tokens(b * bs, (b + 1) * bs),
-                           req.image_keys(b * bs, (b + 1) * bs))
+            h = block_hash(
+                parent, req.tokens(b * bs, (b + 1) * bs), req.image_keys(b * bs, (b + 1) * bs)
+            )
             block = self.pool.lookup(h)
             if block is None:
                 break
@@ -198,8 +203,9 @@ class Planner:
         while len(req.block_hashes) < req.num_computed // bs:
             b = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else None
-            h = block_hash(parent, req.tokens(b * bs, (b + 1) * bs),
-                           req.image_keys(b * bs, (b + 1) * bs))
+            h = block_hash(
+                parent, req.tokens(b * bs, (b + 1) * bs), req.image_keys(b * bs, (b + 1) * bs)
+            )
             req.block_hashes.append(h)
             self.pool.mark_cached(req.block_ids[b], h)
 

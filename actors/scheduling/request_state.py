@@ -58,8 +58,11 @@ class RequestState:
 
     def image_keys(self, start: int, end: int) -> list[str]:
         """Content hashes of the images whose placeholder tokens overlap [start, end)."""
-        return [im.content_hash for im in self.images
-                if im.offset < end and im.offset + im.length > start]
+        return [
+            im.content_hash
+            for im in self.images
+            if im.offset < end and im.offset + im.length > start
+        ]
 
     def check_stop(self, token_id: int) -> tuple[str | None, int | str | None]:
         """Finish reason and stop reason after `token_id` was appended, or (None, None)."""

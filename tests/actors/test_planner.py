@@ -34,7 +34,9 @@ def test_long_prompt_is_chunked_and_decodes_keep_running() -> None:
     plan, _ = run_step(p)
     # The decode of "short" comes first; "long" gets the rest of the 8-token budget.
     assert [(s.request_id, len(s.token_ids), s.sample) for s in plan.sequences] == [
-        ("short", 1, True), ("long", 7, False)]
+        ("short", 1, True),
+        ("long", 7, False),
+    ]
     plan, _ = run_step(p)
     assert plan.sequences[1].start_pos == 7 and len(plan.sequences[1].token_ids) == 7
     while p.has_work:

@@ -10,8 +10,16 @@ import pytest
 from tests.e2e.engine_process import EngineProcess
 from tests.fixtures.checkpoints import make_qwen2_checkpoint
 
-SERVER_ARGS = ["--max-model-len", "256", "--kv-cache-memory", str(16 << 20),
-               "--served-model-name", "tiny-qwen2", "--threads", "1"]
+SERVER_ARGS = [
+    "--max-model-len",
+    "256",
+    "--kv-cache-memory",
+    str(16 << 20),
+    "--served-model-name",
+    "tiny-qwen2",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +27,9 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_qwen2_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2")
 
 
-def _serve(model: Path, api_key: str | None = None, extra: list[str] | None = None
-           ) -> Iterator[EngineProcess]:
+def _serve(
+    model: Path, api_key: str | None = None, extra: list[str] | None = None
+) -> Iterator[EngineProcess]:
     eng = EngineProcess(str(model), SERVER_ARGS + (extra or []), api_key=api_key).start()
     eng.model_name = "tiny-qwen2"  # type: ignore[attr-defined]
     try:

@@ -49,9 +49,20 @@ class EngineProcess:
     def start(self, timeout: float = 180.0) -> EngineProcess:
         self.port = self.port or free_port()
         self.run_dir = tempfile.mkdtemp(prefix="tessera-test-")
-        cmd = [sys.executable, "-m", "core.launch", "--model", self.model,
-               "--port", str(self.port), "--run-dir", self.run_dir, "--log-level", "warning",
-               *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "core.launch",
+            "--model",
+            self.model,
+            "--port",
+            str(self.port),
+            "--run-dir",
+            self.run_dir,
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         if not self.http:
             cmd.append("--no-http")
         if self.api_key:
