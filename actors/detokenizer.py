@@ -6,9 +6,11 @@ state lives here; a matched stop string finishes the request and tells the sched
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from actors import metrics
 from core.actor import Actor
 from models.detokenizer import IncrementalDetokenizer
 from models.tokenizer import TextTokenizer
@@ -26,7 +28,7 @@ from protocols.messages import (
 class StreamState:
     detok: IncrementalDetokenizer
     completion_tokens: int = 0
-    done: bool = False
+    busy_s: float = 0.0
 
 
 class DetokenizerActor(Actor):
@@ -57,6 +59,7 @@ class DetokenizerActor(Actor):
             await self.to_scheduler.send(AbortRequest(rid, reason="stop"))
 
     def _apply(self, d: TokenDelta) -> RequestOutput | None:
+        t0 = time.perf_counter()
         st = self.streams.get(d.request_id)
         if st is None:
             if d.sampling is None:
@@ -79,8 +82,10 @@ class DetokenizerActor(Actor):
             finish, stop_reason = "stop", matched
         elif finish is not None:
             text += st.detok.flush()
+        st.busy_s += time.perf_counter() - t0
         if finish is not None:
             del self.streams[d.request_id]
+            metrics.stage_latency.labels("detokenizer").observe(st.busy_s)
         return RequestOutput(
             request_id=d.request_id,
             text=text,

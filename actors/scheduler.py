@@ -12,8 +12,9 @@ from typing import Any
 
 import anyio
 
+from actors import metrics
 from actors.scheduling.block_pool import BlockPool
-from actors.scheduling.planner import Planner, PlannerLimits
+from actors.scheduling.planner import Finished, Planner, PlannerLimits
 from actors.scheduling.request_state import RequestState
 from core.actor import Actor
 from protocols.messages import (
@@ -54,7 +55,7 @@ class SchedulerActor(Actor):
         self.to_gateway = self.transport.outbox(a.gateway)
         self.wake = anyio.Event()
         self.early_aborts: dict[str, float] = {}
-        self._last_stats = time.monotonic()
+        self._seen = {"prompt": 0, "gen": 0, "preempt": 0, "queries": 0, "hits": 0}
         return {}
 
     async def run(self) -> None:
@@ -79,7 +80,9 @@ class SchedulerActor(Actor):
             )
             await self.to_gateway.send(RequestError(req.request_id, err))
             return
-        self.planner.add(RequestState.from_tokenized(req))
+        state = RequestState.from_tokenized(req)
+        state.queued_time = time.time()
+        self.planner.add(state)
         self.wake.set()
 
     async def on_abort(self, msg: AbortRequest) -> None:
@@ -106,6 +109,7 @@ class SchedulerActor(Actor):
                     kv_blocks=self.pool.num_blocks,
                 )
             if plan is None:
+                self._record([])  # idle: the gauges show an empty engine
                 self.wake = anyio.Event()
                 await self.wake.wait()
                 continue
@@ -120,31 +124,73 @@ class SchedulerActor(Actor):
                 batches.setdefault(self._detok_for(req.request_id), []).append(delta)
             for idx, deltas in batches.items():
                 await self.detoks[idx].send(TokenBatch(deltas))
-            for fin in update.finished:
-                self.log.debug(
-                    "request finished",
-                    request_id=fin.request.request_id,
-                    reason=fin.reason,
-                    tokens=len(fin.request.output_token_ids),
+            self._record(update.finished)
+
+    def _record(self, finished: list[Finished]) -> None:
+        """Prometheus figures: latencies of finished requests, counters, gauges."""
+        now = time.time()
+        for fin in finished:
+            r = fin.request
+            self.log.debug(
+                "request finished",
+                request_id=r.request_id,
+                reason=fin.reason,
+                tokens=len(r.output_token_ids),
+            )
+            metrics.requests_finished.labels(fin.reason).inc()
+            metrics.e2e_latency.observe(now - r.arrival_time)
+            if r.first_token_time is not None:
+                metrics.ttft.observe(r.first_token_time - r.arrival_time)
+                if len(r.output_token_ids) > 1:
+                    metrics.tpot.observe((now - r.first_token_time) / (len(r.output_token_ids) - 1))
+            if r.scheduled_time is not None:
+                metrics.stage_latency.labels("scheduler_queue").observe(
+                    r.scheduled_time - (r.queued_time or r.arrival_time)
                 )
+                metrics.stage_latency.labels("executor").observe(now - r.scheduled_time)
+        s, pool = self.planner.stats, self.pool
+        seen = {
+            "prompt": s.prompt_tokens,
+            "gen": s.generation_tokens,
+            "preempt": s.preemptions,
+            "queries": pool.queries,
+            "hits": pool.hits,
+        }
+        for key, counter in (
+            ("prompt", metrics.prompt_tokens),
+            ("gen", metrics.generation_tokens),
+            ("preempt", metrics.preemptions),
+            ("queries", metrics.prefix_cache_queries),
+            ("hits", metrics.prefix_cache_hits),
+        ):
+            if seen[key] > self._seen[key]:
+                counter.inc(seen[key] - self._seen[key])
+        self._seen = seen
+        metrics.requests_running.set(len(self.planner.running))
+        metrics.requests_waiting.set(len(self.planner.waiting))
+        metrics.kv_cache_usage.set(pool.usage)
+        metrics.prefix_cache_hit_rate.set(pool.hit_rate)
 
     async def _stats_loop(self) -> None:
+        """The periodic log line: throughput, batch, KV usage, prefix-cache hit rate."""
         interval = self.config.log_stats_interval_s
         if interval <= 0:
             return
+        last = (0, 0)
         while True:
             await anyio.sleep(interval)
             s = self.planner.stats
-            if not (s.prompt_tokens or s.generation_tokens or self.planner.has_work):
+            prompt, gen = s.prompt_tokens - last[0], s.generation_tokens - last[1]
+            last = (s.prompt_tokens, s.generation_tokens)
+            if not (prompt or gen or self.planner.has_work):
                 continue
             self.log.info(
                 "engine stats",
-                prompt_tps=round(s.prompt_tokens / interval, 1),
-                gen_tps=round(s.generation_tokens / interval, 1),
+                prompt_tps=round(prompt / interval, 1),
+                gen_tps=round(gen / interval, 1),
                 running=len(self.planner.running),
                 waiting=len(self.planner.waiting),
                 kv_usage=f"{self.pool.usage:.1%}",
                 prefix_hit_rate=f"{self.pool.hit_rate:.1%}",
                 preemptions=s.preemptions,
             )
-            s.prompt_tokens = s.generation_tokens = s.preemptions = 0

@@ -6,8 +6,10 @@ never reaches the scheduler; the rest go on as `TokenizedRequest`.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from actors import metrics
 from core.actor import Actor
 from models.tokenizer import TextTokenizer, flatten_text_content
 from protocols.messages import ErrorInfo, GenerateRequest, RequestError, TokenizedRequest
@@ -39,7 +41,10 @@ class TokenizerActor(Actor):
 
     async def on_request(self, req: GenerateRequest) -> None:
         try:
-            await self.to_scheduler.send(self.tokenize(req))
+            t0 = time.perf_counter()
+            tokenized = self.tokenize(req)
+            metrics.stage_latency.labels("tokenizer").observe(time.perf_counter() - t0)
+            await self.to_scheduler.send(tokenized)
         except RequestInvalid as exc:
             err = ErrorInfo(str(exc), param=exc.param)
             await self.to_gateway.send(RequestError(req.request_id, err))

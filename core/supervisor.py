@@ -59,6 +59,11 @@ class Supervisor:
             config.tcp_base_port,
         )
         self.spec_file = os.path.join(config.run_dir, "engine.json")
+        # Stages that keep Prometheus metrics write them here (prometheus-client multiprocess).
+        metrics_dir = os.path.join(config.run_dir, "metrics")
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.makedirs(metrics_dir, mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         self.procs: dict[str, subprocess.Popen] = {}
         self.specs: dict[str, ActorSpec] = {}
         self.restartable: set[str] = set()
@@ -179,6 +184,7 @@ class Supervisor:
         if self._own_run_dir:
             shutil.rmtree(self.config.run_dir, ignore_errors=True)
         else:
+            shutil.rmtree(os.path.join(self.config.run_dir, "metrics"), ignore_errors=True)
             for entry in os.listdir(self.config.run_dir):
                 if entry.endswith(".sock") or entry in ("front", "engine.json"):
                     os.unlink(os.path.join(self.config.run_dir, entry))

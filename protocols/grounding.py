@@ -186,7 +186,7 @@ def _ink_on(colour: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _boxes_in(text: str) -> list[Box]:
-    """Boxes in one stretch of text: whole JSON from its first bracket, else every complete object."""
+    """Boxes in a stretch of text: the JSON at its first bracket, else every complete object."""
     starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
     if not starts:
         return []

@@ -6,6 +6,7 @@ HTTP request -> schemas -> convert -> AsyncEngineClient.generate -> JSON body or
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 import uuid
@@ -18,6 +19,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import EngineConfig
@@ -258,6 +260,13 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
             )
         engine_info.update(reply.info)
         return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def get_version() -> Response:

@@ -1,0 +1,39 @@
+"""Prometheus /metrics: prefix-cache hits after a repeated prompt, KV usage back to 0 when idle,
+latency histograms for every stage."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+
+def scrape(root: str) -> dict[str, float]:
+    text = httpx.get(root + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_show_prefix_hits_and_idle_kv(server) -> None:
+    root = server.base_url.removesuffix("/v1")
+    prompt = "The same long system prompt that is shared by both requests. " * 6
+    for _ in range(2):
+        r = httpx.post(server.base_url + "/completions", timeout=60, json={
+            "model": server.model, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    time.sleep(0.5)
+    m = scrape(root)
+    assert m["tessera_prefix_cache_hit_rate"] > 0
+    assert m["tessera_prefix_cache_hits_total"] >= 16
+    assert m["tessera_kv_cache_usage_perc"] == 0.0
+    assert m["tessera_num_requests_running"] == 0
+    assert m["tessera_generation_tokens_total"] >= 4
+    assert m['tessera_request_success_total{finish_reason="length"}'] >= 2
+    assert m["tessera_time_to_first_token_seconds_count"] >= 2
+    for stage in ("tokenizer", "scheduler_queue", "executor", "detokenizer"):
+        assert m[f'tessera_stage_latency_seconds_count{{stage="{stage}"}}'] >= 2, stage
