@@ -96,6 +96,7 @@ class DetokenizerActor(Actor):
             prompt_tokens=d.prompt_tokens,
             completion_tokens=st.completion_tokens,
             cached_tokens=d.cached_tokens,
+            mm_info=d.mm_info,
         )
 
     def _name_logprobs(self, lps: list[PositionLogprobs] | None) -> list[PositionLogprobs] | None:

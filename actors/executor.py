@@ -8,26 +8,33 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import numpy as np
 import torch
 
 from core.actor import Actor
+from core.codec import Buffer
 from devices import get_platform
 from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from models.loader import load_model
 from models.sampler import SamplingBatch, sample
 from protocols.messages import (
+    ImageInput,
     NewSequence,
     PositionLogprobs,
     SampledToken,
+    ScheduledSequence,
     StepPlan,
     StepResult,
     TokenLogprob,
 )
 
+ENCODER_CACHE_BYTES = 512 << 20
 CPU_DEFAULT_KV_CAP = 2 << 30  # never claim all RAM by default on CPU (cf. vLLM CPU: 4 GiB)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,6 +44,41 @@ class SequenceState:
     new: NewSequence
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    mrope_positions: torch.Tensor | None = None  # [3, prompt_len]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.new.prompt_token_ids)
+
+
+class EncoderCache:
+    """Vision-encoder outputs by image content hash, LRU, capped in bytes: an image is encoded
+    once even when its placeholder tokens are split across prefill chunks or requests."""
+
+    def __init__(self, max_bytes: int = ENCODER_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.encoded = 0
+
+    def get(self, key: str, encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = encode()
+        self.encoded += 1
+        self.entries[key] = value
+        self.bytes += value.numel() * value.element_size()
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        return value
+
+
+def buffer_tensor(buf: Buffer) -> torch.Tensor:
+    """A wire Buffer as a torch tensor (copied: frames are read-only)."""
+    arr = np.frombuffer(buf.data, dtype=np.dtype(buf.dtype)).reshape(buf.shape)
+    return torch.from_numpy(arr.copy())
 
 
 class ExecutorActor(Actor):
@@ -64,6 +106,8 @@ class ExecutorActor(Actor):
             max_concurrency=round(self.num_blocks * c.block_size / self.max_model_len, 2),
         )
         self.seqs: dict[str, SequenceState] = {}
+        self.uses_mrope = mc.mrope_section is not None
+        self.encoder_cache = EncoderCache()
         self.plans = self.transport.mailbox(self.addresses.plans[self.index], bind=False)
         self.results = self.transport.outbox(self.addresses.results) if self.index == 0 else None
         return {
@@ -73,6 +117,8 @@ class ExecutorActor(Actor):
             "vocab_size": mc.vocab_size,
             "eos_token_ids": list(mc.eos_token_ids),
             "architecture": mc.architecture,
+            "image_token_id": mc.image_token_id if mc.mrope_section else None,
+            "spatial_merge_size": mc.spatial_merge_size,
         }
 
     def _size_kv_pool(self) -> tuple[int, int]:
@@ -116,7 +162,10 @@ class ExecutorActor(Actor):
                 gen = None
                 if new.sampling.seed is not None:
                     gen = torch.Generator(device=self.device).manual_seed(new.sampling.seed)
-                self.seqs[new.request_id] = SequenceState(new, list(new.output_token_ids), gen)
+                st = SequenceState(new, list(new.output_token_ids), gen)
+                if new.mrope_positions is not None:
+                    st.mrope_positions = buffer_tensor(new.mrope_positions)
+                self.seqs[new.request_id] = st
             if not plan.sequences:
                 continue
             t0 = time.perf_counter()
@@ -128,10 +177,8 @@ class ExecutorActor(Actor):
     def execute(self, plan: StepPlan) -> list[SampledToken]:
         seqs = plan.sequences
         ids: list[int] = []
-        positions: list[int] = []
         for s in seqs:
             ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
         dev = self.device
         meta = AttentionMetadata.build(
             [len(s.token_ids) for s in seqs],
@@ -140,11 +187,13 @@ class ExecutorActor(Actor):
             self.config.block_size,
             dev,
         )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            input_ids,
+            self._positions(seqs),
             meta,
             self.kv,
+            inputs_embeds=self._embeds_with_images(seqs, input_ids),
         )
         rows, states = [], []
         end = 0
@@ -175,6 +224,50 @@ class ExecutorActor(Actor):
                 logprobs = PositionLogprobs(TokenLogprob(token_ids[i], lp[i]), top)
             result.append(SampledToken(st.new.request_id, token_ids[i], logprobs))
         return result
+
+    def _positions(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """Rotary positions: [T] for text models; [3, T] (M-RoPE) for VL models, prompt rows from
+        the preprocessing stage and generated rows at index + delta on all three axes."""
+        parts = []
+        for s in seqs:
+            start, end = s.start_pos, s.start_pos + len(s.token_ids)
+            if not self.uses_mrope:
+                parts.append(torch.arange(start, end))
+                continue
+            st = self.seqs[s.request_id]
+            pos = st.mrope_positions
+            delta = st.new.mrope_position_delta
+            if pos is None:
+                parts.append(torch.arange(start, end).expand(3, -1) + delta)
+                continue
+            n = pos.shape[1]
+            head = pos[:, min(start, n) : min(end, n)]
+            tail = torch.arange(max(start, n), max(end, n)).expand(3, -1) + delta
+            parts.append(torch.cat([head, tail], dim=1))
+        return torch.cat(parts, dim=-1).to(self.device)
+
+    def _embeds_with_images(
+        self, seqs: list[ScheduledSequence], input_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Token embeddings with image rows replaced by vision-encoder outputs, or None."""
+        embeds = None
+        row = 0
+        for s in seqs:
+            start, end = s.start_pos, s.start_pos + len(s.token_ids)
+            for im in self.seqs[s.request_id].new.images:
+                lo, hi = max(start, im.offset), min(end, im.offset + im.length)
+                if lo >= hi:
+                    continue
+                if embeds is None:
+                    embeds = self.model.embed(input_ids)
+                out = self.encoder_cache.get(im.content_hash, lambda im=im: self._encode(im))
+                embeds[row + lo - start : row + hi - start] = out[lo - im.offset : hi - im.offset]
+            row += end - start
+        return embeds
+
+    def _encode(self, im: ImageInput) -> torch.Tensor:
+        pixels = buffer_tensor(im.pixel_values).to(self.device, self.dtype)
+        return self.model.encode_image(pixels, tuple(im.grid_thw))
 
     def _sampling_batch(self, states: list[SequenceState], vocab: int) -> SamplingBatch:
         sps = [s.new.sampling for s in states]

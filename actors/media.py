@@ -15,10 +15,19 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
-from PIL import Image, ImageOps
+from PIL import (  # noqa: F401 (registers the decoders named in IMAGE_FORMATS)
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
 
 from models.image_processing import to_rgb
 
@@ -27,6 +36,10 @@ METADATA_ADDRESSES = frozenset(
 )
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# Allow-list of decoders: no EPS (Ghostscript) or other rare, riskier plugins. JPEG covers MPO.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class MediaError(ValueError):
@@ -54,7 +67,7 @@ def content_hash(image: Image.Image) -> str:
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> upright RGB image; the pixel count is checked from the header before decoding."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise MediaError(f"image has too many pixels: {e}") from e
     except Exception as e:  # pillow raises many types for garbage input
@@ -152,7 +165,7 @@ def address_allowed(ip: IPAddress, host_allowlisted: bool) -> bool:
     )
 
 
-async def _vetted_address(host: str, port: int, policy: MediaPolicy) -> IPAddress:
+async def _vetted_addresses(host: str, port: int, policy: MediaPolicy) -> list[IPAddress]:
     """Resolve host; refuse if it is not allow-listed or if ANY address is not allowed."""
     allowlist = {d.lower().rstrip(".") for d in policy.allowed_media_domains}
     allowlisted = host in allowlist
@@ -162,13 +175,13 @@ async def _vetted_address(host: str, port: int, policy: MediaPolicy) -> IPAddres
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise MediaError(f"cannot resolve image host {host!r}: {e}") from e
-    addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    addresses = list(dict.fromkeys(ipaddress.ip_address(i[4][0].split("%", 1)[0]) for i in infos))
     if not addresses:
         raise MediaError(f"cannot resolve image host {host!r}")
     for ip in addresses:
         if not address_allowed(ip, allowlisted):
             raise MediaError(f"image host {host!r} resolves to a disallowed address {ip}")
-    return addresses[0]
+    return addresses
 
 
 async def _fetch_remote(url: str, policy: MediaPolicy) -> bytes:
@@ -186,7 +199,7 @@ async def _fetch_remote(url: str, policy: MediaPolicy) -> bytes:
                     _fetch_once(c, url, policy),
                     policy.connect_timeout_s + policy.read_timeout_s,
                 )
-            except (httpx.TimeoutException, asyncio.TimeoutError) as e:
+            except (httpx.TimeoutException, asyncio.TimeoutError) as e:  # noqa: UP041 (py3.10)
                 raise MediaError(f"timed out fetching image from {_short(url)}") from e
             except httpx.HTTPError as e:
                 raise MediaError(f"cannot fetch image from {_short(url)}: {e}") from e
@@ -210,18 +223,8 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: MediaPolicy) 
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError as e:
         raise MediaError(f"invalid port in image URL: {_short(url)}") from e
-    ip = await _vetted_address(host, port, policy)
-    # Connect to the address just vetted (no second DNS lookup); Host and SNI keep the name.
-    literal = f"[{ip}]" if ip.version == 6 else str(ip)
-    pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
-    host_header = parts.netloc.rsplit("@", 1)[-1]
-    request = client.build_request(
-        "GET",
-        pinned,
-        headers={"Host": host_header, "Accept": "image/*", "Accept-Encoding": "identity"},
-        extensions={"sni_hostname": host},
-    )
-    response = await client.send(request, stream=True)
+    addresses = await _vetted_addresses(host, port, policy)
+    response = await _send_pinned(client, parts, host, port, addresses)
     try:
         if response.status_code in REDIRECT_CODES and "location" in response.headers:
             return urljoin(url, response.headers["location"])
@@ -240,6 +243,34 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: MediaPolicy) 
         return bytes(body)
     finally:
         await response.aclose()
+
+
+async def _send_pinned(
+    client: httpx.AsyncClient,
+    parts: SplitResult,
+    host: str,
+    port: int,
+    addresses: list[IPAddress],
+) -> httpx.Response:
+    """Connect to the addresses just vetted, in order (no second DNS lookup, so no rebinding);
+    the Host header and TLS SNI / certificate check keep the original name."""
+    headers = {
+        "Host": parts.netloc.rsplit("@", 1)[-1],
+        "Accept": "image/*",
+        "Accept-Encoding": "identity",
+    }
+    for i, ip in enumerate(addresses):
+        literal = f"[{ip}]" if ip.version == 6 else str(ip)
+        pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
+        request = client.build_request(
+            "GET", pinned, headers=headers, extensions={"sni_hostname": host}
+        )
+        try:
+            return await client.send(request, stream=True)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise MediaError(f"cannot resolve image host {host!r}")
 
 
 def _short(url: str) -> str:

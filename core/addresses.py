@@ -14,7 +14,7 @@ class Addresses:
     front: str  # gateway ROUTER: SDK clients and the HTTP adapter connect here
     gateway: str  # gateway PULL: outputs and errors on their way back to clients
     tokenizer: str  # gateway PUSH (bound): tokenizer replicas pull requests from here
-    images: str  # tokenizer PUSH -> image preprocessor replicas (bound by the tokenizers' peer)
+    images: list[str]  # image preprocessor PULL, one per replica; tokenizers connect to all
     scheduler: str  # scheduler PULL: tokenized requests, aborts
     results: str  # scheduler PULL: step results from executor rank 0
     plans: list[str]  # scheduler PUSH, one per tensor-parallel rank
@@ -36,11 +36,13 @@ def make_addresses(
     run_dir: str,
     tp_size: int,
     detokenizers: int,
+    image_workers: int = 1,
     tcp_host: str = "127.0.0.1",
     tcp_base_port: int = 0,
 ) -> Addresses:
-    names = ["front", "gateway", "tokenizer", "images", "scheduler", "results", "control"]
+    names = ["front", "gateway", "tokenizer", "scheduler", "results", "control"]
     names += [f"plan{r}" for r in range(tp_size)] + [f"detok{i}" for i in range(detokenizers)]
+    names += [f"images{i}" for i in range(image_workers)]
     if transport == "ipc":
         addr = {n: f"ipc://{run_dir}/{n}.sock" for n in names}
     elif transport == "tcp":
@@ -54,7 +56,7 @@ def make_addresses(
         front=addr["front"],
         gateway=addr["gateway"],
         tokenizer=addr["tokenizer"],
-        images=addr["images"],
+        images=[addr[f"images{i}"] for i in range(image_workers)],
         scheduler=addr["scheduler"],
         results=addr["results"],
         plans=[addr[f"plan{r}"] for r in range(tp_size)],

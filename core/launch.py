@@ -47,6 +47,10 @@ def topology(config: EngineConfig) -> list[StageGroup]:
         for i in range(config.tokenizer_workers)
     ]
     stateless += [
+        ActorSpec(f"images{i}", "actors.image_preprocessor:ImagePreprocessorActor", index=i)
+        for i in range(config.image_workers)
+    ]
+    stateless += [
         ActorSpec(f"detokenizer{i}", "actors.detokenizer:DetokenizerActor", index=i)
         for i in range(config.detokenizer_workers)
     ]

@@ -118,7 +118,7 @@ class AsyncEngineClient:
                 reply = await self.health(timeout=1.0)
                 if reply.ready:
                     return reply
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if loop.time() > deadline:
                 raise TimeoutError(f"engine at {self.address} not ready after {timeout}s")

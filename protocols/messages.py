@@ -115,6 +115,7 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: ErrorInfo | None = None
+    mm_info: dict[str, Any] | None = None  # {"images": [{"original_size", "resized_size"}]}
 
 
 @wire("outputs")
@@ -152,9 +153,11 @@ class TokenizedRequest(Record):
     max_tokens: int
     eos_token_ids: list[int] = field(default_factory=list)
     images: list[ImageInput] = field(default_factory=list)
+    mrope_positions: Buffer | None = None  # int64 [3, prompt_len] for M-RoPE models
     mrope_position_delta: int = 0
     arrival_time: float = 0.0
-    messages: list[dict[str, Any]] | None = None  # still to be fetched by the image stage
+    image_sources: list[str] = field(default_factory=list)  # still to fetch (image stage)
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @wire("request_error")
@@ -186,6 +189,7 @@ class NewSequence:
     sampling: SamplingParams
     eos_token_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
+    mrope_positions: Buffer | None = None
     mrope_position_delta: int = 0
     output_token_ids: list[int] = field(default_factory=list)  # after preemption: recompute
 
@@ -237,6 +241,7 @@ class TokenDelta:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     sampling: SamplingParams | None = None  # sent with the first delta of a request
+    mm_info: dict[str, Any] | None = None  # first delta: image sizes (original, resized)
 
 
 @wire("token_batch")

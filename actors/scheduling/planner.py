@@ -132,6 +132,7 @@ class Planner:
                         sampling=req.sampling,
                         eos_token_ids=req.eos_token_ids,
                         images=req.images,
+                        mrope_positions=req.mrope_positions,
                         mrope_position_delta=req.mrope_position_delta,
                         output_token_ids=list(req.output_token_ids),
                     )
@@ -240,6 +241,7 @@ class Planner:
                 prompt_tokens=len(req.prompt_token_ids),
                 cached_tokens=req.num_cached_tokens,
                 sampling=None if req.announced else req.sampling,
+                mm_info=None if req.announced else req.mm_info(),
             )
             req.announced = True
             out.deltas.append((req, delta))

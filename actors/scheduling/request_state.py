@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from core.codec import Buffer
 from protocols.messages import ImageInput, SamplingParams, TokenizedRequest
 
 
@@ -16,6 +17,7 @@ class RequestState:
     max_tokens: int
     eos_token_ids: list[int]
     images: list[ImageInput] = field(default_factory=list)
+    mrope_positions: Buffer | None = None
     mrope_position_delta: int = 0
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
@@ -39,6 +41,7 @@ class RequestState:
             max_tokens=req.max_tokens,
             eos_token_ids=req.eos_token_ids,
             images=req.images,
+            mrope_positions=req.mrope_positions,
             mrope_position_delta=req.mrope_position_delta,
             arrival_time=req.arrival_time or time.time(),
         )
@@ -56,6 +59,17 @@ class RequestState:
         if end <= n:
             return self.prompt_token_ids[start:end]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    def mm_info(self) -> dict | None:
+        """Image sizes the client needs to map boxes back to its original image."""
+        if not self.images:
+            return None
+        return {
+            "images": [
+                {"original_size": im.original_size, "resized_size": im.resized_size}
+                for im in self.images
+            ]
+        }
 
     def image_keys(self, start: int, end: int) -> list[str]:
         """Content hashes of the images whose placeholder tokens overlap [start, end)."""

@@ -208,8 +208,10 @@ class Collected:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     final: RequestOutput | None = None
+    mm_info: dict[str, Any] | None = None
 
     def add(self, out: RequestOutput) -> None:
+        self.mm_info = self.mm_info or out.mm_info
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
@@ -236,6 +238,7 @@ def chat_response(
             }
         ],
         "usage": usage(c.final, len(c.token_ids)),
+        **({"tessera": c.mm_info} if c.mm_info else {}),
     }
 
 

@@ -48,12 +48,15 @@ class ChunkRenderer:
 
     def render(self, out: RequestOutput) -> list[dict[str, Any]]:
         self.completion_tokens += len(out.token_ids)
-        if not (out.text or out.logprobs or out.finish_reason):
+        if not (out.text or out.logprobs or out.finish_reason or out.mm_info):
             return []
         choice = self.choice(out)
         if out.finish_reason is not None:
             choice["stop_reason"] = out.stop_reason
-        return [self._chunk(choice)]
+        body = self._chunk(choice)
+        if out.mm_info:  # image sizes, on the first chunk that carries output
+            body["tessera"] = out.mm_info
+        return [body]
 
     def finish(self, out: RequestOutput) -> list[dict[str, Any]]:
         if not self.include_usage:
