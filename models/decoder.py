@@ -58,6 +58,10 @@ class Decoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, H]; the executor overwrites image rows before calling forward."""
+        return self.embed_tokens(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -68,6 +72,7 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary(positions, x.dtype)  # once per step, shared by all layers
+        # positions: [T], or [3, T] (M-RoPE) for Qwen2.5-VL
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, meta, cache)
         return self.norm(x)

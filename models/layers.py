@@ -55,13 +55,15 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Maps absolute positions to (cos, sin) of shape [T, head_dim], HF's duplicated-half layout.
 
-    Positions are [T] today; M-RoPE (Qwen2.5-VL) will pass [3, T] and pick frequency sections
-    per axis in `forward` only — `apply_rotary` stays as it is.
+    Positions are [T], or [3, T] for M-RoPE (Qwen2.5-VL): each axis (temporal, height, width)
+    gets its own angles and the frequency bands are taken from the axes in `mrope_section`
+    chunks (HF `apply_multimodal_rotary_pos_emb`); `apply_rotary` is the same for both.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.mrope_section = config.mrope_section
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def reset_parameters(self) -> None:
@@ -71,7 +73,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq  # [T, D/2] or [3, T, D/2]
+        if positions.dim() == 2:
+            if self.mrope_section is None:
+                raise ValueError("positions [3, T] need a config with mrope_section")
+            chunks = freqs.split(self.mrope_section, dim=-1)
+            freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -1,5 +1,5 @@
-"""load_model: builds a Decoder from an HF checkpoint folder (safetensors, sharded or not) or a
-.gguf file. The executor calls it once at start-up, before it allocates the KV cache."""
+"""load_model: builds a Decoder or Qwen2_5_VLModel from an HF folder (safetensors) or a .gguf.
+The executor calls it once at start-up, before it allocates the KV cache."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
+from models.qwen2_5_vl import Qwen2_5_VLModel
+
+# Architecture -> model class; text-only families are the plain Decoder.
+MODEL_CLASSES: dict[str, type[Decoder]] = {"qwen2_5_vl": Qwen2_5_VLModel}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -48,11 +52,13 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Decoder:
     """Constructs the module tree without initialising weights (they are loaded right after)."""
     with torch.device("meta"):
-        model = Decoder(config)
+        model = MODEL_CLASSES.get(config.architecture, Decoder)(config)
     model = model.to(dtype).to_empty(device=device)  # cast while on meta: no double allocation
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_parameters()  # inv_freq stays fp32 whatever the weight dtype
+    if isinstance(model, Qwen2_5_VLModel):
+        model.visual.reset_parameters()
     return model.eval().requires_grad_(False)
 
 

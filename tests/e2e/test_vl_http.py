@@ -1,0 +1,150 @@
+"""Qwen2.5-VL through HTTP with the official openai client: every image source the server
+accepts, every source it must refuse (400 naming the problem), and service carrying on."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.e2e.engine_process import EngineProcess
+from tests.fixtures.vl_checkpoint import make_qwen2_5_vl_checkpoint
+
+
+def png_bytes(w: int, h: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("media")
+    (d / "allowed").mkdir()
+    (d / "allowed" / "cat.png").write_bytes(png_bytes(64, 48, 1))
+    (d / "secret.png").write_bytes(png_bytes(32, 32, 2))
+    (d / "allowed" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def image_host(media_dir: Path) -> Iterator[str]:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vl_server(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> Iterator[EngineProcess]:
+    ckpt = make_qwen2_5_vl_checkpoint(tmp_path_factory.mktemp("vl") / "tiny-vl")
+    eng = EngineProcess(str(ckpt), [
+        "--max-model-len", "1024", "--kv-cache-memory", str(32 << 20), "--threads", "1",
+        "--served-model-name", "tiny-vl",
+        "--allowed-local-media-path", str(media_dir / "allowed"),
+        "--allowed-media-domains", "127.0.0.1",
+    ]).start(timeout=240)
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+def ask(eng: EngineProcess, url: str, **kw):
+    client = openai.OpenAI(base_url=eng.base_url, api_key="none", max_retries=0)
+    return client.chat.completions.create(
+        model="tiny-vl", max_tokens=4, temperature=0, **kw,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is in the picture?"}]}])
+
+
+def test_image_sources_are_accepted(vl_server: EngineProcess, media_dir: Path,
+                                    image_host: str) -> None:
+    raw = (media_dir / "allowed" / "cat.png").read_bytes()
+    answers = [
+        ask(vl_server, data_url(raw)),
+        ask(vl_server, str(media_dir / "allowed" / "cat.png")),
+        ask(vl_server, "file://" + str(media_dir / "allowed" / "cat.png")),
+        ask(vl_server, f"{image_host}/allowed/cat.png"),
+    ]
+    usage = {a.usage.prompt_tokens for a in answers}
+    assert len(usage) == 1  # the same picture gives the same prompt, whatever its source
+    texts = {a.choices[0].message.content for a in answers}
+    assert len(texts) == 1  # greedy: the same answer too
+    extra = answers[0].model_extra["tessera"]["images"][0]
+    assert extra["original_size"] == [64, 48]
+    assert extra["resized_size"][0] % 28 == 0 and extra["resized_size"][1] % 28 == 0
+    # The second identical prompt reuses the KV of the first (image hash in the block hash).
+    assert answers[1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://10.1.2.3/cat.png", "address"),
+    ("http://169.254.169.254/latest/meta-data", "address"),
+    ("http://localhost:9/cat.png", "not allowed"),
+    ("/etc/passwd", "outside"),
+    ("data:image/png;base64,@@@not-base64@@@", "base64"),
+    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "decode"),
+])
+def test_refused_sources_get_400_naming_the_problem(vl_server: EngineProcess, url: str,
+                                                   words: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(vl_server, url)
+    assert words in str(err.value).lower()
+
+
+def test_more_refusals_then_service_continues(vl_server: EngineProcess, media_dir: Path,
+                                              image_host: str) -> None:
+    for url, words in [
+        (str(media_dir / "secret.png"), "outside"),
+        (str(media_dir / "allowed" / "../secret.png"), "outside"),
+        (f"{image_host}/allowed/corrupt.png", "decode"),
+        (str(media_dir / "allowed" / "corrupt.png"), "decode"),
+        (f"{image_host}/allowed/missing.png", "404"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(vl_server, url)
+        assert words in str(err.value).lower(), (url, str(err.value))
+    big = Image.new("RGB", (9000, 9000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(vl_server, data_url(buf.getvalue()), extra_body={
+            "mm_processor_kwargs": {"max_pixels": 100, "min_pixels": 200}})
+    assert "pixels" in str(err.value).lower()
+    ok = ask(vl_server, data_url(png_bytes(40, 40, 5)))
+    assert ok.choices[0].finish_reason == "length"
+
+
+def test_text_only_and_two_images(vl_server: EngineProcess) -> None:
+    client = openai.OpenAI(base_url=vl_server.base_url, api_key="none")
+    text = client.chat.completions.create(
+        model="tiny-vl", max_tokens=3, temperature=0,
+        messages=[{"role": "user", "content": "Hello"}])
+    assert text.usage.completion_tokens >= 1
+    two = client.chat.completions.create(
+        model="tiny-vl", max_tokens=3, temperature=0,
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(56, 56, 7))}},
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(84, 28, 8))}},
+            {"type": "text", "text": "Compare them."}]}])
+    sizes = [im["original_size"] for im in two.model_extra["tessera"]["images"]]
+    assert sizes == [[56, 56], [84, 28]]
