@@ -138,8 +138,15 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
     cfg = EngineConfig(**vars(ns))
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tokenizer_workers",
-                 "detokenizer_workers", "image_workers", "tensor_parallel_size"):
+    for name in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "block_size",
+        "tokenizer_workers",
+        "detokenizer_workers",
+        "image_workers",
+        "tensor_parallel_size",
+    ):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_model_len is not None and cfg.max_model_len < 1:
@@ -147,8 +154,10 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     if not 0 < cfg.memory_utilization <= 1:
         parser.error("--memory-utilization must be in (0, 1]")
     if cfg.tensor_parallel_size > 1:
-        parser.error("--tensor-parallel-size > 1 is not implemented yet (the wire and the "
-                     "supervisor already plan one executor per rank; weight sharding is missing)")
+        parser.error(
+            "--tensor-parallel-size > 1 is not implemented yet (the wire and the "
+            "supervisor already plan one executor per rank; weight sharding is missing)"
+        )
     if cfg.dtype in ("half",):
         cfg.dtype = "float16"
     elif cfg.dtype in ("float",):

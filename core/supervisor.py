@@ -52,8 +52,13 @@ class Supervisor:
         n_ranks = sum(1 for g in groups for s in g.specs if s.name.startswith("executor"))
         n_images = sum(1 for g in groups for s in g.specs if s.name.startswith("images"))
         self.addresses: Addresses = make_addresses(
-            config.transport, config.run_dir, max(n_ranks, 1), max(n_detok, 1),
-            max(n_images, 1), config.tcp_host, config.tcp_base_port,
+            config.transport,
+            config.run_dir,
+            max(n_ranks, 1),
+            max(n_detok, 1),
+            max(n_images, 1),
+            config.tcp_host,
+            config.tcp_base_port,
         )
         self.spec_file = os.path.join(config.run_dir, "engine.json")
         # Stages that keep Prometheus metrics write them here (prometheus-client multiprocess).

@@ -22,8 +22,11 @@ def test_metrics_show_prefix_hits_and_idle_kv(server) -> None:
     root = server.base_url.removesuffix("/v1")
     prompt = "The same long system prompt that is shared by both requests. " * 6
     for _ in range(2):
-        r = httpx.post(server.base_url + "/completions", timeout=60, json={
-            "model": server.model, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+        r = httpx.post(
+            server.base_url + "/completions",
+            timeout=60,
+            json={"model": server.model, "prompt": prompt, "max_tokens": 2, "temperature": 0},
+        )
         assert r.status_code == 200
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
     time.sleep(0.5)

@@ -55,29 +55,91 @@ def image_host(media_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def vl_server(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> Iterator[EngineProcess]:
     ckpt = make_qwen2_5_vl_checkpoint(tmp_path_factory.mktemp("vl") / "tiny-vl")
-    eng = EngineProcess(str(ckpt), [
-        "--max-model-len", "1024", "--kv-cache-memory", str(32 << 20), "--threads", "1",
-        "--served-model-name", "tiny-vl",
-        "--allowed-local-media-path", str(media_dir / "allowed"),
-        "--allowed-media-domains", "127.0.0.1",
-    ]).start(timeout=240)
+    eng = EngineProcess(
+        str(ckpt),
+        [
+            "--max-model-len",
+            "1024",
+            "--kv-cache-memory",
+            str(32 << 20),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny-vl",
+            "--allowed-local-media-path",
+            str(media_dir / "allowed"),
+            "--allowed-media-domains",
+            "127.0.0.1",
+        ],
+    ).start(timeout=240)
     try:
         yield eng
     finally:
         eng.stop()
 
 
+@pytest.fixture(scope="module")
+def open_vl_server(vl_server: EngineProcess) -> Iterator[EngineProcess]:
+    """The same model with no --allowed-media-domains: any public host, no internal address."""
+    model = vl_server.model
+    eng = EngineProcess(
+        model,
+        [
+            "--max-model-len",
+            "1024",
+            "--kv-cache-memory",
+            str(16 << 20),
+            "--threads",
+            "1",
+            "--served-model-name",
+            "tiny-vl",
+        ],
+    ).start(240)
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+def test_internal_addresses_are_refused_without_an_allow_list(
+    open_vl_server: EngineProcess, image_host: str
+) -> None:
+    for url in [
+        "http://10.1.2.3/cat.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/cat.png",
+        f"{image_host}/allowed/cat.png",
+        "file:///etc/passwd",
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(open_vl_server, url)
+        msg = str(err.value).lower()
+        assert "address" in msg or "local files are not allowed" in msg, (url, msg)
+    assert ask(open_vl_server, data_url(png_bytes(30, 30, 3))).usage.completion_tokens == 4
+
+
 def ask(eng: EngineProcess, url: str, **kw):
     client = openai.OpenAI(base_url=eng.base_url, api_key="none", max_retries=0)
     return client.chat.completions.create(
-        model="tiny-vl", max_tokens=4, temperature=0, **kw,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What is in the picture?"}]}])
+        model="tiny-vl",
+        max_tokens=4,
+        temperature=0,
+        **kw,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is in the picture?"},
+                ],
+            }
+        ],
+    )
 
 
-def test_image_sources_are_accepted(vl_server: EngineProcess, media_dir: Path,
-                                    image_host: str) -> None:
+def test_image_sources_are_accepted(
+    vl_server: EngineProcess, media_dir: Path, image_host: str
+) -> None:
     raw = (media_dir / "allowed" / "cat.png").read_bytes()
     answers = [
         ask(vl_server, data_url(raw)),
@@ -96,23 +158,27 @@ def test_image_sources_are_accepted(vl_server: EngineProcess, media_dir: Path,
     assert answers[1].usage.prompt_tokens_details.cached_tokens > 0
 
 
-@pytest.mark.parametrize("url, words", [
-    ("http://10.1.2.3/cat.png", "address"),
-    ("http://169.254.169.254/latest/meta-data", "address"),
-    ("http://localhost:9/cat.png", "not allowed"),
-    ("/etc/passwd", "outside"),
-    ("data:image/png;base64,@@@not-base64@@@", "base64"),
-    ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "decode"),
-])
-def test_refused_sources_get_400_naming_the_problem(vl_server: EngineProcess, url: str,
-                                                   words: str) -> None:
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("http://example.com/cat.png", "allowed-media-domains"),
+        ("http://localhost:9/cat.png", "allowed-media-domains"),
+        ("/etc/passwd", "outside"),
+        ("data:image/png;base64,@@@not-base64@@@", "base64"),
+        ("data:image/png;base64," + base64.b64encode(b"garbage bytes").decode(), "decode"),
+    ],
+)
+def test_refused_sources_get_400_naming_the_problem(
+    vl_server: EngineProcess, url: str, words: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         ask(vl_server, url)
     assert words in str(err.value).lower()
 
 
-def test_more_refusals_then_service_continues(vl_server: EngineProcess, media_dir: Path,
-                                              image_host: str) -> None:
+def test_more_refusals_then_service_continues(
+    vl_server: EngineProcess, media_dir: Path, image_host: str
+) -> None:
     for url, words in [
         (str(media_dir / "secret.png"), "outside"),
         (str(media_dir / "allowed" / "../secret.png"), "outside"),
@@ -127,8 +193,11 @@ def test_more_refusals_then_service_continues(vl_server: EngineProcess, media_di
     buf = io.BytesIO()
     big.save(buf, format="PNG")
     with pytest.raises(openai.BadRequestError) as err:
-        ask(vl_server, data_url(buf.getvalue()), extra_body={
-            "mm_processor_kwargs": {"max_pixels": 100, "min_pixels": 200}})
+        ask(
+            vl_server,
+            data_url(buf.getvalue()),
+            extra_body={"mm_processor_kwargs": {"max_pixels": 100, "min_pixels": 200}},
+        )
     assert "pixels" in str(err.value).lower()
     ok = ask(vl_server, data_url(png_bytes(40, 40, 5)))
     assert ok.choices[0].finish_reason == "length"
@@ -137,14 +206,26 @@ def test_more_refusals_then_service_continues(vl_server: EngineProcess, media_di
 def test_text_only_and_two_images(vl_server: EngineProcess) -> None:
     client = openai.OpenAI(base_url=vl_server.base_url, api_key="none")
     text = client.chat.completions.create(
-        model="tiny-vl", max_tokens=3, temperature=0,
-        messages=[{"role": "user", "content": "Hello"}])
+        model="tiny-vl",
+        max_tokens=3,
+        temperature=0,
+        messages=[{"role": "user", "content": "Hello"}],
+    )
     assert text.usage.completion_tokens >= 1
     two = client.chat.completions.create(
-        model="tiny-vl", max_tokens=3, temperature=0,
-        messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(png_bytes(56, 56, 7))}},
-            {"type": "image_url", "image_url": {"url": data_url(png_bytes(84, 28, 8))}},
-            {"type": "text", "text": "Compare them."}]}])
+        model="tiny-vl",
+        max_tokens=3,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png_bytes(56, 56, 7))}},
+                    {"type": "image_url", "image_url": {"url": data_url(png_bytes(84, 28, 8))}},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            }
+        ],
+    )
     sizes = [im["original_size"] for im in two.model_extra["tessera"]["images"]]
     assert sizes == [[56, 56], [84, 28]]
