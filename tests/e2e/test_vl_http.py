@@ -229,3 +229,40 @@ def test_text_only_and_two_images(vl_server: EngineProcess) -> None:
     )
     sizes = [im["original_size"] for im in two.model_extra["tessera"]["images"]]
     assert sizes == [[56, 56], [84, 28]]
+
+
+def test_grounding_example_runs_against_the_server(
+    vl_server: EngineProcess, media_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.e2e.engine_process import ROOT
+
+    out_png = tmp_path / "boxes.png"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "examples/ovd_grounding.py",
+            "--image",
+            str(media_dir / "allowed" / "cat.png"),
+            "--labels",
+            "cat,dog",
+            "--base-url",
+            vl_server.base_url,
+            "--model",
+            "tiny-vl",
+            "--out",
+            str(out_png),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["original_size"] == [64, 48]
+    assert report["resized_size"][0] % 28 == 0
+    assert out_png.exists() and Image.open(out_png).size == (64, 48)
