@@ -52,6 +52,7 @@ class AttentionMetadata:
     mask: torch.Tensor
     num_seqs: int
     max_query_len: int
+    fresh_prefill: bool = False  # one sequence, nothing cached before it: plain causal SDPA
 
     @classmethod
     def build(
@@ -95,6 +96,7 @@ class AttentionMetadata:
             mask=mask[:, None].to(device),
             num_seqs=num_seqs,
             max_query_len=max_q,
+            fresh_prefill=num_seqs == 1 and start_positions[0] == 0 and max_q > 1,
         )
 
 
@@ -106,6 +108,15 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     num_tokens, num_heads, head_dim = q.shape
+    if meta.fresh_prefill:  # no mask: SDPA's fused causal kernel instead of its math path
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
     grid = meta.num_seqs * meta.max_query_len
     q_pad = q.new_zeros(grid, num_heads, head_dim).index_copy_(0, meta.query_index, q)
     q_pad = q_pad.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)

@@ -7,7 +7,6 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.attention import Attention, AttentionMetadata, KVCache
@@ -78,7 +77,7 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_rows, self.lm_head.weight).float()
+        return self.lm_head(hidden_rows).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

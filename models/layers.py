@@ -104,3 +104,35 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class TransposedLinear(nn.Module):
+    """A linear layer with its weight stored transposed ([in, out], contiguous).
+
+    Deliberate CPU choice: a decode step is a matrix-vector product, and MKL reads a [in, out]
+    weight about twice as fast as nn.Linear's [out, in] there (27 vs 14 GB/s measured on this
+    2-core box); prefill-sized products are as fast either way.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = (
+            flat @ self.weight_t
+            if self.bias is None
+            else torch.addmm(self.bias, flat, self.weight_t)
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def transpose_linears(model: nn.Module) -> None:
+    """Replace every nn.Linear in `model` with a TransposedLinear (after weights are loaded)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, TransposedLinear(child))
+        else:
+            transpose_linears(child)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
+from models.layers import transpose_linears
 from models.qwen2_5_vl import Qwen2_5_VLModel
 
 # Architecture -> model class; text-only families are the plain Decoder.
@@ -75,9 +76,13 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
     if str(path).endswith(".gguf"):
         from models.gguf_loader import load_gguf_model
 
-        return load_gguf_model(path, device, dtype)
-    folder = Path(path)
-    config = load_hf_config(folder)
-    model = build_empty(config, device, dtype)
-    loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
-    return finish_loading(model, loaded, str(folder))
+        model = load_gguf_model(path, device, dtype)
+    else:
+        folder = Path(path)
+        config = load_hf_config(folder)
+        model = build_empty(config, device, dtype)
+        loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
+        model = finish_loading(model, loaded, str(folder))
+    if device.type == "cpu":
+        transpose_linears(model)  # faster decode GEMVs on CPU; see TransposedLinear
+    return model

@@ -48,32 +48,37 @@ def window_index(
     return flat[flat != -100], [int(n) for n in lengths if n > 0]
 
 
-Segments = tuple[torch.Tensor, torch.Tensor]  # gather index [n, Lmax], valid [n, Lmax]
+Segments = list[torch.Tensor]  # one gather index [n, L] per distinct segment length L
 
 
 def segments(lengths: list[int], device: torch.device) -> Segments | None:
-    """Packs consecutive segments (attention windows or frames) into a padded [n, Lmax] grid
-    so each is attended to on its own in one batched call; None when there is one segment."""
+    """Groups consecutive segments (attention windows or frames) by length, so each group is
+    attended to in one batched SDPA call with no mask (a mask forces SDPA's slow math path);
+    None when there is one segment."""
     if len(lengths) == 1:
         return None
-    lens = torch.tensor(lengths, device=device)
-    starts = torch.cumsum(lens, 0) - lens
-    col = torch.arange(max(lengths), device=device)
-    valid = col[None, :] < lens[:, None]
-    index = torch.where(valid, starts[:, None] + col[None, :], 0)
-    return index, valid
+    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0).tolist()
+    by_len: dict[int, list[int]] = {}
+    for start, n in zip(starts, lengths):
+        if n:
+            by_len.setdefault(n, []).append(start)
+    return [
+        (torch.tensor(firsts, device=device)[:, None] + torch.arange(n, device=device)[None, :])
+        for n, firsts in by_len.items()
+    ]
 
 
 def segment_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Segments | None
 ) -> torch.Tensor:
     """q/k/v [heads, S, D] -> [heads, S, D], attention only within each segment."""
-    if segs is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    index, valid = segs
-    qs, ks, vs = (t[:, index].transpose(0, 1) for t in (q, k, v))  # [n, heads, Lmax, D]
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :])
-    return out.transpose(0, 1)[:, valid]  # segments are contiguous: back in sequence order
+    if segs is None:  # 4-D, or SDPA on CPU falls back to its slow math path
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+    out = torch.empty_like(q)
+    for index in segs:
+        qs, ks, vs = (t[:, index].transpose(0, 1) for t in (q, k, v))  # [n, heads, L, D]
+        out[:, index] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
+    return out
 
 
 class VisionAttention(nn.Module):
@@ -172,7 +177,7 @@ class VisionTransformer(nn.Module):
         c, device = self.config, pixel_values.device
         grid_thw = (int(grid_thw[0]), int(grid_thw[1]), int(grid_thw[2]))
         unit = c.spatial_merge_size**2
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(pixel_values.to(next(self.parameters()).dtype))
         seq = x.shape[0]
         if seq != grid_thw[0] * grid_thw[1] * grid_thw[2]:
             raise ValueError(f"{seq} patches do not fill grid {grid_thw}")
