@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
-from models.layers import transpose_linears
+from models.layers import pack_linears_for_cpu
 from models.qwen2_5_vl import Qwen2_5_VLModel
 
 # Architecture -> model class; text-only families are the plain Decoder.
@@ -84,5 +84,5 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
         loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
         model = finish_loading(model, loaded, str(folder))
     if device.type == "cpu":
-        transpose_linears(model)  # faster decode GEMVs on CPU; see TransposedLinear
+        pack_linears_for_cpu(model)  # faster decode products on CPU; see OneDNNLinear
     return model
