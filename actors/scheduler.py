@@ -55,6 +55,7 @@ class SchedulerActor(Actor):
         self.to_gateway = self.transport.outbox(a.gateway)
         self.wake = anyio.Event()
         self.early_aborts: dict[str, float] = {}
+        self._step_times: list[tuple[float, float]] = []  # (executor, round trip) seconds
         self._seen = {"prompt": 0, "gen": 0, "preempt": 0, "queries": 0, "hits": 0}
         return {}
 
@@ -117,7 +118,9 @@ class SchedulerActor(Actor):
                 await out.send(plan)
             if not plan.sequences:
                 continue
+            sent = time.perf_counter()
             result: StepResult = await self.results.recv()
+            self._step_times.append((result.elapsed_s, time.perf_counter() - sent))
             update = self.planner.update(result.sampled)
             batches: dict[int, list[TokenDelta]] = {}
             for req, delta in update.deltas:
@@ -171,6 +174,17 @@ class SchedulerActor(Actor):
         metrics.kv_cache_usage.set(pool.usage)
         metrics.prefix_cache_hit_rate.set(pool.hit_rate)
 
+    def _step_summary(self) -> dict[str, float]:
+        """Mean forward time and scheduler round trip per step since the last stats line."""
+        times, self._step_times = self._step_times, []
+        if not times:
+            return {}
+        return {
+            "steps": len(times),
+            "forward_ms": round(1000 * sum(t[0] for t in times) / len(times), 1),
+            "step_ms": round(1000 * sum(t[1] for t in times) / len(times), 1),
+        }
+
     async def _stats_loop(self) -> None:
         """The periodic log line: throughput, batch, KV usage, prefix-cache hit rate."""
         interval = self.config.log_stats_interval_s
@@ -193,4 +207,5 @@ class SchedulerActor(Actor):
                 kv_usage=f"{self.pool.usage:.1%}",
                 prefix_hit_rate=f"{self.pool.hit_rate:.1%}",
                 preemptions=s.preemptions,
+                **self._step_summary(),
             )

@@ -1,7 +1,7 @@
 """The actor base class and the per-process entry point every stage runs under.
 
 A process runs one actor: `setup()` loads what it needs, then `run()` serves its mailboxes until
-SIGTERM/SIGINT cancels it; a heartbeat task reports to the supervisor meanwhile.
+SIGTERM/SIGINT cancels it; a heartbeat thread reports to the supervisor meanwhile.
 """
 
 from __future__ import annotations
@@ -10,19 +10,21 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import orjson
 import structlog
+import zmq
 
 from core.addresses import Addresses
-from core.codec import CodecError
+from core.codec import CodecError, encode
 from core.config import EngineConfig
 from core.control import ActorFailed, ActorReady, Heartbeat
 from core.logging import setup_logging
-from core.transport import Mailbox, Outbox, Transport
+from core.transport import Mailbox, Transport
 
 
 @dataclass
@@ -67,13 +69,24 @@ class Actor:
                 continue
             await handler(record)
 
-    async def _heartbeat(self, control: Outbox) -> None:
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Runs on its own thread with its own socket, so a stage whose loop is busy on a long
+        step (an executor's forward runs on the loop thread) still reports it is alive."""
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.addresses.control)
         parent = os.getppid()
-        while True:
-            await control.send(Heartbeat(actor=self.name, pid=os.getpid()))
-            await anyio.sleep(self.config.heartbeat_interval_s)
-            if os.getppid() != parent:  # the supervisor died: do not linger as an orphan
-                raise SystemExit(0)
+        try:
+            while not stop.is_set():
+                sock.send_multipart(encode(Heartbeat(actor=self.name, pid=os.getpid())))
+                if os.getppid() != parent:  # the supervisor died: do not linger as an orphan
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                stop.wait(self.config.heartbeat_interval_s)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
 
 
 async def _main(
@@ -81,6 +94,7 @@ async def _main(
 ) -> None:
     actor = actor_cls(spec, config, addresses)
     control = actor.transport.outbox(addresses.control)
+    stop_beat = threading.Event()
     try:
         async with anyio.create_task_group() as tg:
 
@@ -91,7 +105,8 @@ async def _main(
                         return
 
             tg.start_soon(on_signal)
-            tg.start_soon(actor._heartbeat, control)
+            beat = threading.Thread(target=actor._heartbeat, args=(stop_beat,), daemon=True)
+            beat.start()
             try:
                 info = await actor.setup()
             except Exception as exc:
@@ -105,6 +120,7 @@ async def _main(
             await actor.run()
             tg.cancel_scope.cancel()
     finally:
+        stop_beat.set()
         actor.transport.close()
 
 
