@@ -37,22 +37,31 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
 
 
 @dataclass
+class PrefillSpan:
+    """One sequence of the step with several new tokens (a prompt or a prefill chunk)."""
+
+    start: int  # its rows in the packed token order: [start, end)
+    end: int
+    key_slots: torch.Tensor | None  # cache slots of all its keys; None when nothing is cached
+    mask: torch.Tensor | None  # [1, 1, q, L] causal with offset; None when nothing is cached
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step, built once and shared by all layers.
 
-    slot_mapping [T]: cache slot of each new token. query_index [T]: where each packed token sits
-    in the padded [B * Qmax] query grid. key_slots [B, Lmax]: cache slots of each sequence's keys
-    (padding repeats a valid slot). mask [B, 1, Qmax, Lmax]: causal with per-sequence offset; a
-    padded query row sees the same keys as its sequence's last real row, so it never yields NaN.
+    slot_mapping [T]: cache slot of each new token. Decodes (one new token each) are attended
+    to together: decode_rows [Bd] are their packed rows, decode_key_slots [Bd, L] their keys'
+    cache slots (padding repeats a valid slot), decode_mask [Bd, 1, 1, L] hides the padding.
+    Every other sequence is a PrefillSpan attended to on its own, so a long prompt never pads
+    the decodes of its step to its length.
     """
 
     slot_mapping: torch.Tensor
-    query_index: torch.Tensor
-    key_slots: torch.Tensor
-    mask: torch.Tensor
-    num_seqs: int
-    max_query_len: int
-    fresh_prefill: bool = False  # one sequence, nothing cached before it: plain causal SDPA
+    decode_rows: torch.Tensor | None
+    decode_key_slots: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[PrefillSpan]
 
     @classmethod
     def build(
@@ -63,41 +72,43 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> AttentionMetadata:
-        num_seqs = len(query_lens)
-        max_q = max(query_lens)
-        seq_lens = [s + q for s, q in zip(start_positions, query_lens, strict=True)]
-        max_len = max(seq_lens)
-        max_blocks = max(len(t) for t in block_tables)
-        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
-        for b, table in enumerate(block_tables):
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
-        qlen = torch.tensor(query_lens, dtype=torch.long)
-        start = torch.tensor(start_positions, dtype=torch.long)
-        slen = torch.tensor(seq_lens, dtype=torch.long)
+        def slots(table: list[int], first: int, last: int) -> torch.Tensor:
+            pos = torch.arange(first, last)
+            return torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + (
+                pos % block_size
+            )
 
-        # Keys: positions 0..Lmax-1 per sequence, padding clamped onto the last real position.
-        key_pos = torch.minimum(torch.arange(max_len)[None, :], (slen - 1)[:, None])
-        key_slots = tables.gather(1, key_pos // block_size) * block_size + key_pos % block_size
-
-        # New tokens: packed order is sequence by sequence, row i of sequence b.
-        row = torch.arange(max_q)[None, :]
-        valid_q = row < qlen[:, None]  # [B, Qmax]
-        q_pos = start[:, None] + row
-        slot_mapping = key_slots.gather(1, torch.minimum(q_pos, slen[:, None] - 1))[valid_q]
-        query_index = (torch.arange(num_seqs)[:, None] * max_q + row)[valid_q]
-
-        # Causal mask with offset; padded query rows reuse the last real row's visibility.
-        vis_pos = start[:, None] + torch.minimum(row, (qlen - 1)[:, None])  # [B, Qmax]
-        mask = torch.arange(max_len)[None, None, :] <= vis_pos[:, :, None]  # [B, Qmax, Lmax]
-        return cls(
-            slot_mapping=slot_mapping.to(device),
-            query_index=query_index.to(device),
-            key_slots=key_slots.to(device),
-            mask=mask[:, None].to(device),
-            num_seqs=num_seqs,
-            max_query_len=max_q,
-            fresh_prefill=num_seqs == 1 and start_positions[0] == 0 and max_q > 1,
-        )
+        slot_parts, prefills, decodes = [], [], []
+        row = 0
+        for qlen, start, table in zip(query_lens, start_positions, block_tables, strict=True):
+            slot_parts.append(slots(table, start, start + qlen))
+            if qlen == 1:
+                decodes.append((row, start + 1, table))
+            elif start == 0:
+                prefills.append(PrefillSpan(row, row + qlen, None, None))
+            else:
+                total = start + qlen
+                mask = torch.arange(total)[None, :] <= (start + torch.arange(qlen))[:, None]
+                prefills.append(
+                    PrefillSpan(
+                        row,
+                        row + qlen,
+                        slots(table, 0, total).to(device),
+                        mask[None, None].to(device),
+                    )
+                )
+            row += qlen
+        dec_rows = dec_slots = dec_mask = None
+        if decodes:
+            max_len = max(n for _, n, _ in decodes)
+            lens = torch.tensor([n for _, n, _ in decodes])
+            key_pos = torch.minimum(torch.arange(max_len)[None, :], (lens - 1)[:, None])
+            dec_slots = torch.stack(
+                [slots(table, 0, n)[key_pos[i]] for i, (_, n, table) in enumerate(decodes)]
+            ).to(device)
+            dec_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None].to(device)
+            dec_rows = torch.tensor([r for r, _, _ in decodes], device=device)
+        return cls(torch.cat(slot_parts).to(device), dec_rows, dec_slots, dec_mask, prefills)
 
 
 def paged_attention(
@@ -107,24 +118,36 @@ def paged_attention(
     k_cache, v_cache = cache
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    num_tokens, num_heads, head_dim = q.shape
-    if meta.fresh_prefill:  # no mask: SDPA's fused causal kernel instead of its math path
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            is_causal=True,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1)
-    grid = meta.num_seqs * meta.max_query_len
-    q_pad = q.new_zeros(grid, num_heads, head_dim).index_copy_(0, meta.query_index, q)
-    q_pad = q_pad.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim).transpose(1, 2)
-    keys = k_cache[meta.key_slots].transpose(1, 2)  # [B, kvH, Lmax, D]
-    values = v_cache[meta.key_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(grid, num_heads, head_dim)
-    return out.index_select(0, meta.query_index)
+    if meta.decode_rows is not None and not meta.prefills:
+        return _decode_attention(q, k_cache, v_cache, meta)
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        qs = q[span.start : span.end].transpose(0, 1)[None]  # [1, H, q, D]
+        if span.key_slots is None:  # nothing cached: SDPA's fused causal kernel, no mask
+            ks = k[span.start : span.end].transpose(0, 1)[None]
+            vs = v[span.start : span.end].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            ks = k_cache[span.key_slots].transpose(0, 1)[None]
+            vs = v_cache[span.key_slots].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, enable_gqa=True)
+        out[span.start : span.end] = o[0].transpose(0, 1)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _decode_attention(q, k_cache, v_cache, meta)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """All one-token sequences of the step in one SDPA call: [Bd, H, D]."""
+    qd = q[meta.decode_rows][:, :, None]  # [Bd, H, 1, D]
+    keys = k_cache[meta.decode_key_slots].transpose(1, 2)  # [Bd, kvH, L, D]
+    values = v_cache[meta.decode_key_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        qd, keys, values, attn_mask=meta.decode_mask, enable_gqa=True
+    )
+    return out[:, :, 0]
 
 
 class Attention(nn.Module):
