@@ -13,11 +13,11 @@ import argparse
 import base64
 import io
 import json
-import math
 import sys
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from models.image_processing import smart_resize
 from protocols.grounding import Box, draw_boxes, ovd_prompt, parse_boxes, scale_boxes
 
 if TYPE_CHECKING:
@@ -29,32 +29,11 @@ QWEN_MIN_PIXELS = 56 * 56  # 3136
 QWEN_MAX_PIXELS = 14 * 14 * 4 * 16384  # 12845056
 
 
-def smart_resize(
-    width: int,
-    height: int,
-    factor: int = QWEN_FACTOR,
-    min_pixels: int = QWEN_MIN_PIXELS,
-    max_pixels: int = QWEN_MAX_PIXELS,
-) -> tuple[int, int]:
-    """The (width, height) Qwen2-VL's processor resizes an image to: both sides multiples of
-    `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept as far as possible.
-
-    A local copy of `smart_resize` in transformers' Qwen2-VL image processor, used only when the
-    server's response does not say which size the model saw; the server's own answer wins.
-    """
-    if max(width, height) / min(width, height) > 200:
-        raise ValueError(f"aspect ratio of {width}x{height} is over 200")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return w_bar, h_bar
+def resized_size(width: int, height: int) -> tuple[int, int]:
+    """The (width, height) the Qwen2-VL processor resizes to with the released models' defaults;
+    used only when the server's response does not say which size the model saw."""
+    h, w = smart_resize(height, width, QWEN_FACTOR, QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+    return w, h
 
 
 def load_image(source: str) -> tuple[Image.Image, bytes]:
@@ -162,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tessera_sizes(response)
     if sizes is None and image is not None:
         original = list(image.size)
-        sizes = (list(smart_resize(*image.size)), original)
+        sizes = (list(resized_size(*image.size)), original)
         print(
             "note: no tessera.images in the response; sizes from local smart_resize",
             file=sys.stderr,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,10 +217,8 @@ def _salvage_objects(text: str) -> list[Box]:
     return boxes
 
 
-def _object_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every balanced brace pair outside strings, sorted by start."""
-    spans: list[tuple[int, int]] = []
-    stack: list[int] = []
+def _scan(text: str) -> Iterator[tuple[int, str, bool]]:
+    """(index, char, outside a JSON string) for every char; quotes count as inside."""
     in_string = escaped = False
     for i, ch in enumerate(text):
         if in_string:
@@ -230,11 +228,22 @@ def _object_spans(text: str) -> list[tuple[int, int]]:
                 escaped = True
             elif ch == '"':
                 in_string = False
+            yield i, ch, False
         elif ch == '"':
             in_string = True
-        elif ch == "{":
+            yield i, ch, False
+        else:
+            yield i, ch, True
+
+
+def _object_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every balanced brace pair outside strings, sorted by start."""
+    spans: list[tuple[int, int]] = []
+    stack: list[int] = []
+    for i, ch, outside in _scan(text):
+        if outside and ch == "{":
             stack.append(i)
-        elif ch == "}" and stack:
+        elif outside and ch == "}" and stack:
             spans.append((stack.pop(), i))
     spans.sort()
     return spans
@@ -243,19 +252,9 @@ def _object_spans(text: str) -> list[tuple[int, int]]:
 def _drop_trailing_commas(text: str) -> str:
     """Remove commas (outside strings) that only whitespace separates from `]`, `}` or the end."""
     out: list[str] = []
-    in_string = escaped = False
     n = len(text)
-    for i, ch in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == ",":
+    for i, ch, outside in _scan(text):
+        if outside and ch == ",":
             j = i + 1
             while j < n and text[j] in " \t\r\n":
                 j += 1
