@@ -87,3 +87,19 @@ def test_killed_tokenizer_is_restarted_and_junk_is_ignored(tiny_qwen2: Path) -> 
             raise AssertionError(f"tokenizer not restarted:\n{eng.log()}")
     finally:
         eng.stop()
+
+
+def test_max_model_len_beyond_the_kv_pool_is_refused_at_start(tiny_qwen2: Path) -> None:
+    eng = EngineProcess(
+        str(tiny_qwen2),
+        ["--max-model-len", "512", "--kv-cache-memory", str(4 * 8192), "--threads", "1"],
+        http=False,
+    )
+    try:
+        eng.start(timeout=60)
+    except RuntimeError as exc:
+        assert "does not fit in the KV cache" in str(exc)
+    else:
+        eng.stop()
+        raise AssertionError("the engine started with a KV pool too small for max_model_len")
+    assert eng.proc.returncode == 1

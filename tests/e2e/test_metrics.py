@@ -40,3 +40,33 @@ def test_metrics_show_prefix_hits_and_idle_kv(server) -> None:
     assert m["tessera_time_to_first_token_seconds_count"] >= 2
     for stage in ("tokenizer", "scheduler_queue", "executor", "detokenizer"):
         assert m[f'tessera_stage_latency_seconds_count{{stage="{stage}"}}'] >= 2, stage
+
+
+def test_disconnected_stream_frees_its_kv_blocks(server) -> None:
+    root = server.base_url.removesuffix("/v1")
+    body = {
+        "model": server.model,
+        "prompt": "Count forever:",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+    }
+    with httpx.stream("POST", server.base_url + "/completions", json=body, timeout=60) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+            if chunks == 3:
+                break  # the client walks away mid-generation
+    m = {}
+    for _ in range(50):
+        time.sleep(0.2)
+        m = scrape(root)
+        if m["tessera_num_requests_running"] == 0 and m["tessera_kv_cache_usage_perc"] == 0:
+            break
+    assert m["tessera_num_requests_running"] == 0
+    assert m["tessera_kv_cache_usage_perc"] == 0.0
+    generated_after = m["tessera_generation_tokens_total"]
+    time.sleep(0.5)
+    assert scrape(root)["tessera_generation_tokens_total"] == generated_after  # it stopped
