@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from core.actor import Actor
-from core.codec import CodecError, decode, encode
+from core.codec import CodecError
 from core.control import ActorReady
 from protocols.messages import (
     AbortRequest,
@@ -29,7 +29,7 @@ from protocols.messages import (
 class GatewayActor(Actor):
     async def setup(self) -> dict[str, Any]:
         a = self.addresses
-        self.front = self.transport.router(a.front)
+        self.front = self.transport.front_door(a.front)
         self.inbox = self.transport.mailbox(a.gateway)
         self.to_tokenizers = self.transport.outbox(a.tokenizer, bind=True)
         self.to_scheduler = self.transport.outbox(a.scheduler)
@@ -53,10 +53,8 @@ class GatewayActor(Actor):
 
     async def _serve_clients(self) -> None:
         while True:
-            identity, *frames = await self.front.recv_multipart(copy=False)
-            ident = bytes(identity)
             try:
-                record = decode(frames)
+                ident, record = await self.front.recv()
             except CodecError as exc:
                 self.log.warning("bad client message", error=str(exc))
                 continue
@@ -88,7 +86,7 @@ class GatewayActor(Actor):
         await self.to_tokenizers.send(req)
 
     async def _reply(self, ident: bytes, record: Any) -> None:
-        await self.front.send_multipart([ident, *encode(record)], copy=False)
+        await self.front.send(ident, record)
 
     async def on_outputs(self, batch: OutputBatch) -> None:
         by_client: dict[bytes, list[RequestOutput]] = {}

@@ -28,9 +28,7 @@ class TokenizerActor(Actor):
         )
         self.image_token_id = self.engine_info.get("image_token_id")
         self.inbox = self.transport.mailbox(self.addresses.tokenizer, bind=False)
-        self.to_images = self.transport.outbox(self.addresses.images[0])
-        for addr in self.addresses.images[1:]:
-            self.to_images.sock.connect(addr)
+        self.to_images = self.transport.outbox(self.addresses.images)
         self.to_scheduler = self.transport.outbox(self.addresses.scheduler)
         self.to_gateway = self.transport.outbox(self.addresses.gateway)
         return {}

@@ -40,16 +40,18 @@ class Transport:
     def mailbox(self, address: str, bind: bool = True) -> Mailbox:
         return Mailbox(self._socket(zmq.PULL, address, bind))
 
-    def outbox(self, address: str, bind: bool = False) -> Outbox:
-        return Outbox(self._socket(zmq.PUSH, address, bind))
+    def outbox(self, address: str | list[str], bind: bool = False) -> Outbox:
+        """A PUSH socket; given several addresses it connects to all and round-robins."""
+        addresses = [address] if isinstance(address, str) else address
+        sock = self._socket(zmq.PUSH, addresses[0], bind)
+        for extra in addresses[1:]:
+            sock.connect(extra)
+        return Outbox(sock)
 
-    def router(self, address: str) -> zmq.asyncio.Socket:
+    def front_door(self, address: str) -> FrontDoor:
         sock = self._socket(zmq.ROUTER, address, bind=True)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        return sock
-
-    def dealer(self, address: str) -> zmq.asyncio.Socket:
-        return self._socket(zmq.DEALER, address, bind=False)
+        return FrontDoor(sock)
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -76,3 +78,18 @@ class Outbox:
 
     async def send(self, record: Any) -> None:
         await self.sock.send_multipart(encode(record), copy=False)
+
+
+class FrontDoor:
+    """A ROUTER socket for many clients: records come in and go out tagged with a client id."""
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self.sock = sock
+
+    async def recv(self) -> tuple[bytes, Any]:
+        """The next (client id, record); raises CodecError for a bad record (client id kept)."""
+        client, *frames = await self.sock.recv_multipart(copy=False)
+        return bytes(client), decode(frames)
+
+    async def send(self, client: bytes, record: Any) -> None:
+        await self.sock.send_multipart([client, *encode(record)], copy=False)

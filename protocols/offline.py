@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -51,8 +52,6 @@ class LLM:
             raise
 
     def _wait_ready(self, timeout: float):
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
