@@ -189,13 +189,16 @@ def test_more_refusals_then_service_continues(
         with pytest.raises(openai.BadRequestError) as err:
             ask(vl_server, url)
         assert words in str(err.value).lower(), (url, str(err.value))
-    big = Image.new("RGB", (9000, 9000))
+    big = Image.new("RGB", (9000, 9000))  # 81 Mpx: over the 64 Mpx cap, refused from its header
     buf = io.BytesIO()
     big.save(buf, format="PNG")
     with pytest.raises(openai.BadRequestError) as err:
+        ask(vl_server, data_url(buf.getvalue()))
+    assert "more than the limit" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
         ask(
             vl_server,
-            data_url(buf.getvalue()),
+            data_url(png_bytes(40, 40, 5)),
             extra_body={"mm_processor_kwargs": {"max_pixels": 100, "min_pixels": 200}},
         )
     assert "pixels" in str(err.value).lower()
