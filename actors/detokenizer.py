@@ -86,6 +86,12 @@ class DetokenizerActor(Actor):
         if finish is not None:
             del self.streams[d.request_id]
             metrics.stage_latency.labels("detokenizer").observe(st.busy_s)
+            self.log.debug(
+                "request done",
+                request_id=d.request_id,
+                finish_reason=finish,
+                completion_tokens=st.completion_tokens,
+            )
         return RequestOutput(
             request_id=d.request_id,
             text=text,

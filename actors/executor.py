@@ -167,6 +167,12 @@ class ExecutorActor(Actor):
                 if new.mrope_positions is not None:
                     st.mrope_positions = buffer_tensor(new.mrope_positions)
                 self.seqs[new.request_id] = st
+                self.log.debug(
+                    "sequence added",
+                    request_id=new.request_id,
+                    images=len(new.images),
+                    resumed=len(new.output_token_ids),
+                )
             if not plan.sequences:
                 continue
             t0 = time.perf_counter()

@@ -69,6 +69,12 @@ class ImagePreprocessorActor(Actor):
             await self.to_gateway.send(RequestError(req.request_id, err))
             return
         metrics.stage_latency.labels("image_preprocessor").observe(time.perf_counter() - t0)
+        self.log.debug(
+            "images ready",
+            request_id=req.request_id,
+            images=len(ready.images),
+            prompt_tokens=len(ready.prompt_token_ids),
+        )
         await self.to_scheduler.send(ready)
 
     async def prepare(self, req: TokenizedRequest) -> TokenizedRequest:

@@ -42,6 +42,12 @@ class TokenizerActor(Actor):
             tokenized = self.tokenize(req)
             metrics.stage_latency.labels("tokenizer").observe(time.perf_counter() - t0)
             next_stage = self.to_images if tokenized.image_sources else self.to_scheduler
+            self.log.debug(
+                "tokenized",
+                request_id=req.request_id,
+                prompt_tokens=len(tokenized.prompt_token_ids),
+                images=len(tokenized.image_sources),
+            )
             await next_stage.send(tokenized)
         except RequestInvalid as exc:
             err = ErrorInfo(str(exc), param=exc.param)
