@@ -179,9 +179,17 @@ class ExecutorActor(Actor):
             # On the loop (main) thread on purpose: torch's OpenMP kernels run ~35% slower when
             # called from a worker thread (86 vs 117 ms per decode step measured here). Nothing
             # else waits on this loop while a step runs; heartbeats come from their own thread.
-            sampled = self.execute(plan)
+            error = None
+            try:
+                sampled = self.execute(plan)
+            except Exception as exc:  # one failed step fails its requests, not the engine
+                self.log.exception("step failed", step_id=plan.step_id)
+                sampled, error = [], f"{type(exc).__name__}: {exc}"
+                for s in plan.sequences:
+                    self.seqs.pop(s.request_id, None)
             if self.results is not None:
-                await self.results.send(StepResult(plan.step_id, sampled, time.perf_counter() - t0))
+                elapsed = time.perf_counter() - t0
+                await self.results.send(StepResult(plan.step_id, sampled, elapsed, error))
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:

@@ -21,6 +21,7 @@ from protocols.messages import (
     AbortRequest,
     ErrorInfo,
     RequestError,
+    StepPlan,
     StepResult,
     TokenBatch,
     TokenDelta,
@@ -121,6 +122,9 @@ class SchedulerActor(Actor):
             sent = time.perf_counter()
             result: StepResult = await self.results.recv()
             self._step_times.append((result.elapsed_s, time.perf_counter() - sent))
+            if result.error is not None:
+                await self._fail_step(plan, result.error)
+                continue
             update = self.planner.update(result.sampled)
             batches: dict[int, list[TokenDelta]] = {}
             for req, delta in update.deltas:
@@ -128,6 +132,16 @@ class SchedulerActor(Actor):
             for idx, deltas in batches.items():
                 await self.detoks[idx].send(TokenBatch(deltas))
             self._record(update.finished)
+
+    async def _fail_step(self, plan: StepPlan, error: str) -> None:
+        """The executor could not run this step: its requests end with a 500, others go on."""
+        self.planner.in_flight = {}
+        for seq in plan.sequences:
+            if self.planner.abort(seq.request_id) is not None:
+                info = ErrorInfo(
+                    f"the model step failed: {error}", type="InternalServerError", code=500
+                )
+                await self.to_gateway.send(RequestError(seq.request_id, info))
 
     def _record(self, finished: list[Finished]) -> None:
         """Prometheus figures: latencies of finished requests, counters, gauges."""

@@ -218,6 +218,7 @@ class StepResult(Record):
     step_id: int
     sampled: list[SampledToken]
     elapsed_s: float = 0.0
+    error: str | None = None  # the step raised: its requests fail, the engine carries on
 
 
 @wire("executor_info")
