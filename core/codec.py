@@ -1,4 +1,4 @@
-"""The one wire codec: an orjson header frame plus raw buffer frames, never pickle.
+"""The one wire codec: an orjson header frame plus raw buffer frames; nothing that can run code.
 
 Every record that crosses a process boundary is a dataclass registered with `@wire`; tensors and
 image bytes ride as `Buffer` values, sent as extra zero-copy frames described in the header.
