@@ -48,8 +48,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_qwen2_5_vl_checkpoint(tmp_path_factory.mktemp("vlm") / "vl")
 
 
-@pytest.fixture(scope="module")
-def reference(ckpt: Path) -> dict[str, tuple[list[int], int]]:
+def hf_reference(ckpt: Path, names: list[str], new: int) -> dict[str, tuple[list[int], int]]:
     """transformers: greedy ids and prompt length, one prompt at a time."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -62,7 +61,8 @@ def reference(ckpt: Path) -> dict[str, tuple[list[int], int]]:
         ckpt, dtype=torch.float32
     ).eval()
     out = {}
-    for name, (text, seeds) in CASES.items():
+    for name in names:
+        text, seeds = CASES[name]
         content = [{"type": "image"} for _ in seeds] + [{"type": "text", "text": text}]
         rendered = tok.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
@@ -84,8 +84,8 @@ def reference(ckpt: Path) -> dict[str, tuple[list[int], int]]:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 mm_token_type_ids=(input_ids == IMAGE_TOKEN_ID).int(),
-                max_new_tokens=NEW,
-                min_new_tokens=NEW,
+                max_new_tokens=new,
+                min_new_tokens=new,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
@@ -95,24 +95,31 @@ def reference(ckpt: Path) -> dict[str, tuple[list[int], int]]:
     return out
 
 
-def request(name: str) -> GenerateRequest:
+@pytest.fixture(scope="module")
+def reference(ckpt: Path) -> dict[str, tuple[list[int], int]]:
+    return hf_reference(ckpt, list(CASES), NEW)
+
+
+def request(name: str, new: int = NEW) -> GenerateRequest:
     text, seeds = CASES[name]
     content = [{"type": "image_url", "image_url": {"url": data_url(picture(s))}} for s in seeds]
     return GenerateRequest(
         request_id=f"{name}-{uuid.uuid4().hex[:8]}",
         messages=[{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
-        sampling=SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True),
+        sampling=SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
     )
 
 
-def run(ckpt: Path, args: list[str], waves: list[list[str]]) -> tuple[list[list[Any]], str]:
+def run(
+    ckpt: Path, args: list[str], waves: list[list[str]], new: int = NEW
+) -> tuple[list[list[Any]], str]:
     eng = EngineProcess(
         str(ckpt), ["--max-model-len", "512", "--threads", "1", *args], http=False
     ).start(240)
     try:
         with EngineClient(eng.front) as client:
             client.wait_ready(60)
-            results = [client.complete_many([request(n) for n in wave]) for wave in waves]
+            results = [client.complete_many([request(n, new) for n in wave]) for wave in waves]
         return results, eng.log()
     finally:
         eng.stop()
@@ -148,20 +155,21 @@ def test_chunks_split_images_and_prefix_cache_keys_on_the_image(
     assert other.cached_tokens < 16
 
 
-def test_preemption_with_images_matches_transformers(ckpt: Path, reference: dict) -> None:
-    wave = ["one_image", "two_images", "other_image", "text_only"]
+def test_preemption_with_images_matches_transformers(ckpt: Path) -> None:
+    # 40 new tokens keep requests alive long enough to overlap, and two "one_image" requests
+    # (79 + 40 tokens = 8 blocks each) cannot both fit in 12 blocks: one must be preempted.
+    new = 40
+    reference = hf_reference(ckpt, ["one_image", "two_images"], new)
+    wave = ["one_image", "two_images", "one_image", "two_images"]
     # bytes per block: 2 layers x (k, v) x 16 tokens x 2 kv heads x 16 dims x 4 bytes = 8 KiB.
-    (outs,), log = run(
-        ckpt,
-        [
-            "--kv-cache-memory",
-            str(12 * 8192),
-            "--max-model-len",
-            "160",
-            "--max-num-batched-tokens",
-            "32",
-        ],
-        [wave],
-    )
+    args = [
+        "--kv-cache-memory",
+        str(12 * 8192),
+        "--max-model-len",
+        "160",
+        "--max-num-batched-tokens",
+        "32",
+    ]
+    (outs,), log = run(ckpt, args, [wave], new)
     check(wave, outs, reference)
     assert "preempted" in log
