@@ -73,18 +73,9 @@ class SchedulerActor(Actor):
     async def on_request(self, req: TokenizedRequest) -> None:
         if self.early_aborts.pop(req.request_id, None) is not None:
             return
-        total = len(req.prompt_token_ids) + req.max_tokens
-        if self.planner.blocks_needed(min(total, self.max_model_len)) > self.pool.num_blocks:
-            err = ErrorInfo(
-                f"the request needs {total} tokens of KV cache but the pool holds "
-                f"{self.pool.num_blocks * self.pool.block_size}",
-                param="max_tokens",
-            )
-            await self.to_gateway.send(RequestError(req.request_id, err))
-            return
-        state = RequestState.from_tokenized(req)
-        state.queued_time = time.time()
-        self.planner.add(state)
+        # Every request fits the pool: the tokenizer bounds it by max_model_len, and the executor
+        # only starts with a pool that holds max_model_len tokens.
+        self.planner.add(RequestState.from_tokenized(req))
         self.wake.set()
 
     async def on_abort(self, msg: AbortRequest) -> None:
@@ -162,7 +153,7 @@ class SchedulerActor(Actor):
                     metrics.tpot.observe((now - r.first_token_time) / (len(r.output_token_ids) - 1))
             if r.scheduled_time is not None:
                 metrics.stage_latency.labels("scheduler_queue").observe(
-                    r.scheduled_time - (r.queued_time or r.arrival_time)
+                    r.scheduled_time - r.queued_time
                 )
                 metrics.stage_latency.labels("executor").observe(now - r.scheduled_time)
         s, pool = self.planner.stats, self.pool

@@ -221,17 +221,6 @@ class StepResult(Record):
     error: str | None = None  # the step raised: its requests fail, the engine carries on
 
 
-@wire("executor_info")
-@dataclass
-class ExecutorInfo(Record):
-    """What the executor tells the scheduler at start: the KV pool it allocated."""
-
-    rank: int
-    num_blocks: int
-    block_size: int
-    max_model_len: int
-
-
 @dataclass
 class TokenDelta:
     request_id: str

@@ -29,7 +29,7 @@ class RequestState:
     announced: bool = False  # the detokenizer has seen its first delta
     first_token_time: float | None = None
     scheduled_time: float | None = None
-    queued_time: float | None = None
+    queued_time: float = field(default_factory=time.time)  # reached the scheduler
     num_preemptions: int = 0
 
     @classmethod

@@ -68,14 +68,19 @@ def greedy_generate(
             hidden = model(
                 torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, kv
             )
-            offset = 0
-            for s, n in zip(active, qlens, strict=True):
-                rows = hidden[offset : offset + n]
-                offset += n
-                in_prompt = max(0, min(n, len(s.prompt) - s.computed))
-                if in_prompt:
-                    s.prompt_logits.append(model.compute_logits(rows[:in_prompt]))
-                s.computed += n
-                if s.computed >= len(s.prompt):  # last row predicts the next token
-                    s.output.append(int(model.compute_logits(rows[-1:]).argmax(-1)))
+            record_step(model, hidden, active, qlens)
     return [s.output for s in seqs], [torch.cat(s.prompt_logits) for s in seqs]
+
+
+def record_step(model: Decoder, hidden: torch.Tensor, active: list, qlens: list[int]) -> None:
+    """After one step: keep each sequence's prompt logits, advance it, take its greedy token."""
+    offset = 0
+    for s, n in zip(active, qlens, strict=True):
+        rows = hidden[offset : offset + n]
+        offset += n
+        in_prompt = max(0, min(n, len(s.prompt) - s.computed))
+        if in_prompt:
+            s.prompt_logits.append(model.compute_logits(rows[:in_prompt]))
+        s.computed += n
+        if s.computed >= len(s.prompt):  # last row predicts the next token
+            s.output.append(int(model.compute_logits(rows[-1:]).argmax(-1)))

@@ -11,6 +11,7 @@ import torch
 from models import AttentionMetadata, allocate_kv_cache
 from models.mrope import mrope_positions
 from models.qwen2_5_vl import Qwen2_5_VLModel
+from tests.models.paged_runner import record_step
 
 
 @dataclass
@@ -109,14 +110,5 @@ def vl_greedy_generate(
             kv,
             inputs_embeds=torch.cat(embed_parts),
         )
-        offset = 0
-        for s, n in zip(active, qlens, strict=True):
-            rows = hidden[offset : offset + n]
-            offset += n
-            in_prompt = max(0, min(n, len(s.prompt) - s.computed))
-            if in_prompt:
-                s.prompt_logits.append(model.compute_logits(rows[:in_prompt]))
-            s.computed += n
-            if s.computed >= len(s.prompt):
-                s.output.append(int(model.compute_logits(rows[-1:]).argmax(-1)))
+        record_step(model, hidden, active, qlens)
     return [s.output for s in seqs], [torch.cat(s.prompt_logits) for s in seqs]
