@@ -19,7 +19,6 @@ import orjson
 import structlog
 import zmq
 
-from core.addresses import Addresses
 from core.codec import CodecError, encode
 from core.config import EngineConfig
 from core.control import ActorFailed, ActorReady, Heartbeat
@@ -34,18 +33,23 @@ class ActorSpec:
     name: str
     target: str  # "package.module:ClassName"
     index: int = 0
-    engine_info: dict[str, Any] = field(default_factory=dict)
+    engine_info: dict[str, Any] = field(default_factory=dict)  # what earlier stages reported
+    control: str = ""  # the supervisor's control address (heartbeats, readiness)
 
 
 class Actor:
-    """Base of every stage. Subclasses implement `setup` and `run`."""
+    """Base of every stage. Subclasses implement `setup` and `run`.
 
-    def __init__(self, spec: ActorSpec, config: EngineConfig, addresses: Addresses) -> None:
+    `wiring` is the application's address table, opaque to the kernel; `setup` returns what this
+    actor reports when ready, handed on to the actors started after it."""
+
+    def __init__(self, spec: ActorSpec, config: EngineConfig, wiring: dict[str, Any]) -> None:
         self.name = spec.name
         self.index = spec.index
         self.engine_info = spec.engine_info
+        self.control = spec.control
         self.config = config
-        self.addresses = addresses
+        self.wiring = wiring
         self.transport = Transport()
         self.log: structlog.stdlib.BoundLogger = setup_logging(spec.name, config.log_level)
 
@@ -75,7 +79,7 @@ class Actor:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.addresses.control)
+        sock.connect(self.control)
         parent = os.getppid()
         try:
             while not stop.is_set():
@@ -90,10 +94,10 @@ class Actor:
 
 
 async def _main(
-    actor_cls: type[Actor], spec: ActorSpec, config: EngineConfig, addresses: Addresses
+    actor_cls: type[Actor], spec: ActorSpec, config: EngineConfig, wiring: dict[str, Any]
 ) -> None:
-    actor = actor_cls(spec, config, addresses)
-    control = actor.transport.outbox(addresses.control)
+    actor = actor_cls(spec, config, wiring)
+    control = actor.transport.outbox(spec.control)
     stop_beat = threading.Event()
     try:
         async with anyio.create_task_group() as tg:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     _die_with_parent()
     data = orjson.loads(open(spec_file, "rb").read())
     config = EngineConfig.from_json(orjson.dumps(data["config"]))
-    addresses = Addresses(**data["addresses"])
+    wiring = data["wiring"]
     spec = ActorSpec(**data["actors"][name])
     module, cls_name = spec.target.split(":")
     actor_cls = getattr(importlib.import_module(module), cls_name)
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             actor_cls,
             spec,
             config,
-            addresses,
+            wiring,
             backend="asyncio",
             backend_options={"use_uvloop": True},
         )

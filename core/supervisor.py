@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 import orjson
 import zmq
 
+from typing import Any
+
 from core.actor import ActorSpec
-from core.addresses import Addresses, make_addresses
 from core.codec import CodecError, decode, encode
 from core.config import EngineConfig
 from core.control import ActorFailed, ActorReady, Heartbeat
@@ -38,28 +39,36 @@ class EngineFailed(RuntimeError):
     pass
 
 
+def prepare_run_dir(config: EngineConfig) -> bool:
+    """Create the private (0700) run folder; True when this process made it (and removes it)."""
+    owned = not config.run_dir
+    if owned:
+        config.run_dir = tempfile.mkdtemp(prefix="tessera-")
+    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+    os.chmod(config.run_dir, 0o700)
+    return owned
+
+
 class Supervisor:
-    def __init__(self, config: EngineConfig, groups: list[StageGroup]) -> None:
+    """Runs the application's actor groups. `wiring` (the application's address table) is opaque
+    here and handed to every actor; `notify_ready` addresses get one ActorReady when all are up."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        groups: list[StageGroup],
+        wiring: dict[str, Any],
+        control: str,
+        notify_ready: list[str],
+        owns_run_dir: bool,
+    ) -> None:
         self.config = config
         self.groups = groups
+        self.wiring = wiring
+        self.control_address = control
+        self.notify_ready = notify_ready
         self.log = setup_logging("supervisor", config.log_level)
-        self._own_run_dir = not config.run_dir
-        if self._own_run_dir:
-            config.run_dir = tempfile.mkdtemp(prefix="tessera-")
-        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
-        os.chmod(config.run_dir, 0o700)
-        n_detok = sum(1 for g in groups for s in g.specs if s.name.startswith("detokenizer"))
-        n_ranks = sum(1 for g in groups for s in g.specs if s.name.startswith("executor"))
-        n_images = sum(1 for g in groups for s in g.specs if s.name.startswith("images"))
-        self.addresses: Addresses = make_addresses(
-            config.transport,
-            config.run_dir,
-            max(n_ranks, 1),
-            max(n_detok, 1),
-            max(n_images, 1),
-            config.tcp_host,
-            config.tcp_base_port,
-        )
+        self._own_run_dir = owns_run_dir
         self.spec_file = os.path.join(config.run_dir, "engine.json")
         # Stages that keep Prometheus metrics write them here (prometheus-client multiprocess).
         metrics_dir = os.path.join(config.run_dir, "metrics")
@@ -71,18 +80,18 @@ class Supervisor:
         self.restartable: set[str] = set()
         self.last_beat: dict[str, float] = {}
         self.restarts: dict[str, int] = {}
-        self.engine_info: dict = {}
+        self.ready_info: dict[str, Any] = {}
         self.stopping = False
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PULL)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(self.addresses.control)
+        self.control.bind(control)
 
     # ------------------------------------------------------------------ processes
     def _write_spec_file(self) -> None:
         data = {
             "config": asdict(self.config),
-            "addresses": self.addresses.to_dict(),
+            "wiring": self.wiring,
             "actors": {name: asdict(spec) for name, spec in self.specs.items()},
         }
         tmp = self.spec_file + ".tmp"
@@ -97,7 +106,8 @@ class Supervisor:
 
     def _start_group(self, group: StageGroup) -> None:
         for spec in group.specs:
-            spec.engine_info = dict(self.engine_info)
+            spec.engine_info = dict(self.ready_info)
+            spec.control = self.control_address
             self.specs[spec.name] = spec
             if group.restartable:
                 self.restartable.add(spec.name)
@@ -109,7 +119,7 @@ class Supervisor:
             record = self._recv(timeout_s=0.5)
             if isinstance(record, ActorReady) and record.actor in pending:
                 pending.discard(record.actor)
-                self.engine_info.update(record.info)
+                self.ready_info.update(record.info)
                 self.log.info("actor ready", name=record.actor, pid=record.pid)
             elif isinstance(record, ActorFailed):
                 raise EngineFailed(f"{record.actor} failed to start: {record.error}")
@@ -133,20 +143,19 @@ class Supervisor:
         return record
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> dict:
+    def start(self) -> dict[str, Any]:
         """Start every group in order; returns the merged readiness info."""
         for group in self.groups:
             self._start_group(group)
-        notify = self.ctx.socket(zmq.PUSH)
-        notify.setsockopt(zmq.LINGER, 1000)
-        notify.connect(self.addresses.gateway)
-        notify.send_multipart(
-            encode(ActorReady(actor="engine", pid=os.getpid(), info=self.engine_info))
-        )
-        notify.close()
-        with open(os.path.join(self.config.run_dir, "front"), "w") as f:
-            f.write(self.addresses.front)
-        return self.engine_info
+        for address in self.notify_ready:
+            notify = self.ctx.socket(zmq.PUSH)
+            notify.setsockopt(zmq.LINGER, 1000)
+            notify.connect(address)
+            notify.send_multipart(
+                encode(ActorReady(actor="supervisor", pid=os.getpid(), info=self.ready_info))
+            )
+            notify.close()
+        return self.ready_info
 
     def watch(self) -> int:
         """Keep the engine alive until a signal or an unrecoverable death; returns an exit code."""
@@ -188,7 +197,7 @@ class Supervisor:
         else:
             shutil.rmtree(os.path.join(self.config.run_dir, "metrics"), ignore_errors=True)
             for entry in os.listdir(self.config.run_dir):
-                if entry.endswith(".sock") or entry in ("front", "engine.json"):
+                if entry.endswith(".sock") or entry == "engine.json":
                     os.unlink(os.path.join(self.config.run_dir, entry))
         self.log.info("engine stopped")
 

@@ -6,7 +6,7 @@ gateway -> client. Headers are orjson; tensors ride as `Buffer` frames (see core
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from core.codec import Buffer, Record, wire
@@ -83,7 +83,7 @@ class HealthRequest(Record):
 class HealthReply(Record):
     request_id: str
     ready: bool
-    info: dict[str, Any] = field(default_factory=dict)
+    facts: EngineFacts | None = None
 
 
 @dataclass
@@ -126,38 +126,109 @@ class OutputBatch(Record):
     outputs: list[RequestOutput]
 
 
+# ---------------------------------------------------------------- engine facts
+
+
+@dataclass
+class EngineFacts:
+    """What the engine learns at start (from executor rank 0) and every stage is handed.
+
+    Travels inside the kernel's readiness info as a plain dict; `from_info` is the one reader.
+    """
+
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    architecture: str
+    dtype: str
+    image_token_id: int | None = None  # None: a text-only model
+    spatial_merge_size: int = 2
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> EngineFacts:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in info.items() if k in names})
+
+    def to_info(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.image_token_id is not None
+
+
 # ---------------------------------------------------------------- engine internals
 
 
 @dataclass
-class ImageInput:
-    """One preprocessed image and where its placeholder tokens sit in the prompt."""
+class ImageRef:
+    """One image of a request: where its placeholder tokens sit in the prompt, its content hash
+    (the key of its pixels on the executor and of its prefix-cache blocks) and its sizes."""
 
     content_hash: str
     offset: int
     length: int
     grid_thw: list[int]
-    pixel_values: Buffer | None = None
     original_size: list[int] = field(default_factory=list)  # width, height
     resized_size: list[int] = field(default_factory=list)
 
 
-@wire("tokenized")
+@wire("pending_images")
 @dataclass
-class TokenizedRequest(Record):
-    """A request ready to schedule: prompt ids, resolved limits and stop ids, images if any."""
+class PendingImages(Record):
+    """A tokenized request whose images are still to fetch (tokenizer -> image preprocessor).
+
+    The prompt holds one image placeholder token per source, expanded by the image stage."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    max_tokens: int
-    eos_token_ids: list[int] = field(default_factory=list)
-    images: list[ImageInput] = field(default_factory=list)
-    mrope_positions: Buffer | None = None  # int64 [3, prompt_len] for M-RoPE models
-    mrope_position_delta: int = 0
-    arrival_time: float = 0.0
-    image_sources: list[str] = field(default_factory=list)  # still to fetch (image stage)
+    image_sources: list[str]
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    arrival_time: float = 0.0
+
+
+@wire("engine_request")
+@dataclass
+class EngineRequest(Record):
+    """The one record of a request that is ready to schedule: the scheduler keeps it, and sends
+    it unchanged to every executor rank the first time the request runs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int  # resolved against max_model_len by the stage that knew the prompt length
+    eos_token_ids: list[int] = field(default_factory=list)
+    images: list[ImageRef] = field(default_factory=list)
+    arrival_time: float = 0.0
+
+
+@wire("image_pixels")
+@dataclass
+class ImagePixels(Record):
+    """Preprocessed pixels of one image (image preprocessor -> every executor rank, directly).
+
+    Sent before the request reaches the scheduler; the executor keeps them until the request
+    that referenced them ends, so a preempted request never needs them sent again."""
+
+    request_id: str
+    content_hash: str
+    grid_thw: list[int]
+    pixel_values: Buffer
+
+
+@wire("stream_open")
+@dataclass
+class StreamOpen(Record):
+    """What the detokenizer needs to know of a request before its first token (sent by the stage
+    that emits the EngineRequest, to the detokenizer replica that owns the request)."""
+
+    request_id: str
+    sampling: SamplingParams
+    prompt_tail_ids: list[int] = field(default_factory=list)  # last prompt ids, for spacing
+    mm_info: dict[str, Any] | None = None  # {"images": [{"original_size", "resized_size"}]}
 
 
 @wire("request_error")
@@ -171,37 +242,29 @@ class RequestError(Record):
 
 @dataclass
 class ScheduledSequence:
-    """One request's share of a step: the tokens to run and where their KV lives."""
+    """One request's share of a step: which of its tokens to run and where their KV lives.
+
+    The executor knows every token of a request (its prompt, and each token it sampled itself),
+    so a plan names positions, not ids: a decode can be planned before its token is known."""
 
     request_id: str
-    token_ids: list[int]
     start_pos: int  # tokens of this request already in the KV cache
+    num_tokens: int  # run positions [start_pos, start_pos + num_tokens)
     block_table: list[int]
-    sample: bool  # the last token of this chunk ends the prompt or is a decode token
-
-
-@dataclass
-class NewSequence:
-    """Executor-side state for a request it sees for the first time."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    eos_token_ids: list[int]
-    images: list[ImageInput] = field(default_factory=list)
-    mrope_positions: Buffer | None = None
-    mrope_position_delta: int = 0
-    output_token_ids: list[int] = field(default_factory=list)  # after preemption: recompute
+    sample: bool  # the last of these tokens ends the prompt or is a decode token
 
 
 @wire("step_plan")
 @dataclass
 class StepPlan(Record):
-    """The scheduler's plan for one forward step, sent to every executor rank."""
+    """The scheduler's plan for one forward step, sent to every executor rank.
+
+    `new_requests` arrive the first time a request runs (not again after a preemption);
+    `finished_ids` have ended and their executor state (and pixels) can be dropped."""
 
     step_id: int
     sequences: list[ScheduledSequence]
-    new_sequences: list[NewSequence] = field(default_factory=list)
+    new_requests: list[EngineRequest] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
 
 
@@ -223,6 +286,8 @@ class StepResult(Record):
 
 @dataclass
 class TokenDelta:
+    """New tokens of one request; an empty delta with finish_reason "abort" closes its stream."""
+
     request_id: str
     token_ids: list[int]
     logprobs: list[PositionLogprobs] | None = None
@@ -230,8 +295,6 @@ class TokenDelta:
     stop_reason: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    sampling: SamplingParams | None = None  # sent with the first delta of a request
-    mm_info: dict[str, Any] | None = None  # first delta: image sizes (original, resized)
 
 
 @wire("token_batch")

@@ -11,8 +11,9 @@ import pytest
 from core.codec import Buffer, CodecError, decode, encode
 from protocols.messages import (
     GenerateRequest,
-    ImageInput,
-    NewSequence,
+    EngineFacts,
+    HealthReply,
+    ImagePixels,
     PositionLogprobs,
     SamplingParams,
     ScheduledSequence,
@@ -43,15 +44,14 @@ def test_lists_of_nested_records_decode_to_dataclasses() -> None:
 
 def test_buffers_travel_as_extra_frames_zero_copy() -> None:
     pixels = np.arange(24, dtype=np.float32).reshape(2, 12)
-    img = ImageInput("hash", 3, 4, [1, 2, 2], Buffer("float32", [2, 12], pixels.data))
-    plan = StepPlan(1, [ScheduledSequence("r", [1], 0, [0], True)])
+    img = ImagePixels("r", "hash", [1, 2, 2], Buffer("float32", [2, 12], pixels.data))
     assert len(encode(TokenBatch([]))) == 1
-    plan.new_sequences = [NewSequence("r", [1], SamplingParams(), [2], images=[img])]
-    frames = encode(plan)
+    assert len(encode(StepPlan(1, [ScheduledSequence("r", 0, 1, [0], True)]))) == 1
+    frames = encode(img)
     assert len(frames) == 2
     assert b"float32" in bytes(frames[0]) and pixels.tobytes() not in bytes(frames[0])
     back = decode(frames)
-    buf = back.new_sequences[0].images[0].pixel_values
+    buf = back.pixel_values
     assert np.frombuffer(buf.data, dtype=np.float32).reshape(buf.shape).tolist() == pixels.tolist()
 
 
@@ -68,3 +68,10 @@ def test_bad_field_types_raise_codec_error() -> None:
     frame = orjson.dumps({"kind": "generate", "body": {"request_id": "x", "sampling": 3}})
     with pytest.raises(CodecError):
         decode([frame])
+
+
+def test_engine_facts_travel_typed_in_health_replies() -> None:
+    facts = EngineFacts(4096, 100, 16, 1000, [2], "Qwen2ForCausalLM", "float32", 7, 2)
+    back = decode(encode(HealthReply("h", True, facts)))
+    assert back.facts == facts and back.facts.accepts_images
+    assert EngineFacts.from_info({**facts.to_info(), "other_stage": 1}) == facts

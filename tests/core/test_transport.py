@@ -5,14 +5,14 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from core.addresses import make_addresses
+from core.launch.addresses import Addresses, make_addresses, owner
 from core.transport import Transport
 from protocols.messages import AbortRequest, GenerateRequest
 
 
 @pytest.mark.parametrize("kind", ["ipc", "tcp"])
 def test_push_pull_delivers_records_in_order(kind: str, tmp_path) -> None:
-    addr = make_addresses(kind, str(tmp_path), 1, 1).scheduler
+    addr = make_addresses(kind, str(tmp_path), 1, 1, 1, 1)[0].scheduler
 
     async def main() -> list:
         t = Transport()
@@ -33,8 +33,19 @@ def test_push_pull_delivers_records_in_order(kind: str, tmp_path) -> None:
 
 
 def test_ipc_addresses_live_in_the_run_dir(tmp_path) -> None:
-    a = make_addresses("ipc", str(tmp_path), 2, 3)
-    assert len(a.plans) == 2 and len(a.detokenizers) == 3
-    assert all(x.startswith(f"ipc://{tmp_path}/") for x in [a.front, *a.plans, *a.detokenizers])
+    a, control = make_addresses("ipc", str(tmp_path), 2, 4, 1, 3)
+    assert len(a.plans) == len(a.media) == 2 and len(a.detokenizers) == 3
+    assert len(a.tokenizers) == 4 and len(a.images) == 1
+    every = [a.front, control, *a.plans, *a.media, *a.detokenizers, *a.tokenizers]
+    assert all(x.startswith(f"ipc://{tmp_path}/") for x in every)
+    assert len(set(every)) == len(every)
+    assert Addresses.from_dict(a.to_dict()) == a
     with pytest.raises(ValueError):
-        make_addresses("udp", str(tmp_path), 1, 1)
+        make_addresses("udp", str(tmp_path), 1, 1, 1, 1)
+
+
+def test_owner_is_stable_and_spreads_requests() -> None:
+    picks = [owner(f"req-{i}", 4) for i in range(400)]
+    assert picks == [owner(f"req-{i}", 4) for i in range(400)]  # same in every process
+    assert set(picks) == {0, 1, 2, 3}
+    assert all(owner(f"req-{i}", 1) == 0 for i in range(10))

@@ -1,0 +1,69 @@
+"""`python -m core.launch`: parse flags, start the engine's actors, serve until SIGINT/SIGTERM.
+
+The engine's wiring lives in this package only: the stage table (`topology`), the addresses
+(`addresses`) and the default model (`default_model`); the kernel below it stays generic.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from core.config import EngineConfig, parse_args
+from core.launch.addresses import make_addresses
+from core.launch.default_model import resolve_model
+from core.launch.topology import topology
+from core.supervisor import EngineFailed, Supervisor, prepare_run_dir
+
+
+def run(config: EngineConfig) -> int:
+    resolve_model(config)
+    owns_run_dir = prepare_run_dir(config)
+    wiring, control = make_addresses(
+        config.transport,
+        config.run_dir,
+        tp_size=config.tensor_parallel_size,
+        tokenizers=config.tokenizer_workers,
+        image_workers=config.image_workers,
+        detokenizers=config.detokenizer_workers,
+        tcp_host=config.tcp_host,
+        tcp_base_port=config.tcp_base_port,
+    )
+    sup = Supervisor(
+        config,
+        topology(config),
+        wiring.to_dict(),
+        control,
+        notify_ready=[wiring.gateway],
+        owns_run_dir=owns_run_dir,
+    )
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    front_file = os.path.join(config.run_dir, "front")  # where SDK clients find the front door
+    code = 0
+    try:
+        sup.start()
+        with open(front_file, "w") as f:
+            f.write(wiring.front)
+        where = f"http://{config.host}:{config.port}/v1" if config.http else "(no HTTP)"
+        sup.log.info(
+            "engine ready",
+            model=config.model_names[0],
+            api=where,
+            zmq=wiring.front,
+        )
+        print(f"Tessera ready: {where}  zmq={wiring.front}", flush=True)
+        code = sup.watch()
+    except EngineFailed as exc:
+        sup.log.error("engine failed", error=str(exc))
+        code = 1
+    finally:
+        sup.shutdown()
+        if os.path.exists(front_file):
+            os.unlink(front_file)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(parse_args(argv)))
