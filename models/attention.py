@@ -51,16 +51,17 @@ class AttentionMetadata:
     """Everything attention needs for one step, built once and shared by all layers.
 
     slot_mapping [T]: cache slot of each new token. Decodes (one new token each) are attended
-    to together: decode_rows [Bd] are their packed rows, decode_key_slots [Bd, L] their keys'
-    cache slots (padding repeats a valid slot), decode_mask [Bd, 1, 1, L] hides the padding.
-    Every other sequence is a PrefillSpan attended to on its own, so a long prompt never pads
-    the decodes of its step to its length.
+    to together, block by block: decode_rows [Bd] are their packed rows, decode_blocks [Bd, nb]
+    their block tables (padding repeats a valid block), decode_bias [Bd, 1, 1, nb * block_size]
+    is 0 on real keys and -inf on padding. Every other sequence is a PrefillSpan attended to on
+    its own, so a long prompt never pads the decodes of its step to its length.
     """
 
     slot_mapping: torch.Tensor
+    block_size: int
     decode_rows: torch.Tensor | None
-    decode_key_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_blocks: torch.Tensor | None
+    decode_bias: torch.Tensor | None
     prefills: list[PrefillSpan]
 
     @classmethod
@@ -98,17 +99,22 @@ class AttentionMetadata:
                     )
                 )
             row += qlen
-        dec_rows = dec_slots = dec_mask = None
+        dec_rows = dec_blocks = dec_bias = None
         if decodes:
-            max_len = max(n for _, n, _ in decodes)
+            nb = max(-(-n // block_size) for _, n, _ in decodes)
+            tables = []
+            for _, n, table in decodes:
+                used = table[: -(-n // block_size)]
+                tables.append(used + [used[-1]] * (nb - len(used)))
             lens = torch.tensor([n for _, n, _ in decodes])
-            key_pos = torch.minimum(torch.arange(max_len)[None, :], (lens - 1)[:, None])
-            dec_slots = torch.stack(
-                [slots(table, 0, n)[key_pos[i]] for i, (_, n, table) in enumerate(decodes)]
-            ).to(device)
-            dec_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None].to(device)
+            bias = torch.zeros(len(decodes), nb * block_size)
+            bias.masked_fill_(torch.arange(nb * block_size)[None, :] >= lens[:, None], -torch.inf)
+            dec_blocks = torch.tensor(tables, dtype=torch.long, device=device)
+            dec_bias = bias[:, None, None].to(device)
             dec_rows = torch.tensor([r for r, _, _ in decodes], device=device)
-        return cls(torch.cat(slot_parts).to(device), dec_rows, dec_slots, dec_mask, prefills)
+        return cls(
+            torch.cat(slot_parts).to(device), block_size, dec_rows, dec_blocks, dec_bias, prefills
+        )
 
 
 def paged_attention(
@@ -119,7 +125,7 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.decode_rows is not None and not meta.prefills:
-        return _decode_attention(q, k_cache, v_cache, meta)
+        return _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta)
     out = torch.empty_like(q)
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1)[None]  # [1, H, q, D]
@@ -133,21 +139,30 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, enable_gqa=True)
         out[span.start : span.end] = o[0].transpose(0, 1)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode_attention(q, k_cache, v_cache, meta)
+        out[meta.decode_rows] = _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta)
     return out
 
 
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
-    """All one-token sequences of the step in one SDPA call: [Bd, H, D]."""
-    qd = q[meta.decode_rows][:, :, None]  # [Bd, H, 1, D]
-    keys = k_cache[meta.decode_key_slots].transpose(1, 2)  # [Bd, kvH, L, D]
-    values = v_cache[meta.decode_key_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        qd, keys, values, attn_mask=meta.decode_mask, enable_gqa=True
-    )
-    return out[:, :, 0]
+    """All one-token sequences of the step at once, q [Bd, H, D] -> [Bd, H, D].
+
+    Keys are read by whole blocks of the block tables, and each KV head's query group is one
+    matrix product (no repeated keys for grouped-query attention). SDPA's one-token path on CPU
+    was 3-10x slower than these two products (see BENCHMARKS.md)."""
+    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    bd, num_heads, head_dim = q.shape
+    num_kv = k_cache.shape[1]
+    blocks = k_cache.shape[0] // meta.block_size
+    keys = k_cache.view(blocks, meta.block_size, num_kv, head_dim)[meta.decode_blocks]
+    values = v_cache.view(blocks, meta.block_size, num_kv, head_dim)[meta.decode_blocks]
+    keys = keys.view(bd, -1, num_kv, head_dim).permute(0, 2, 3, 1)  # [Bd, kvH, D, L]
+    values = values.view(bd, -1, num_kv, head_dim).transpose(1, 2)  # [Bd, kvH, L, D]
+    qg = q.view(bd, num_kv, num_heads // num_kv, head_dim)  # query heads grouped by KV head
+    scores = torch.matmul(qg, keys).float() * head_dim**-0.5 + meta.decode_bias
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(bd, num_heads, head_dim)
 
 
 class Attention(nn.Module):
