@@ -147,7 +147,7 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """HF `Qwen2_5_VisionTransformerPretrainedModel` for one image at a time.
+    """HF `Qwen2_5_VisionTransformerPretrainedModel`, for one image or several at once.
 
     The Conv3d patch embedding (kernel == stride) is a Linear over the flattened patch; the
     loader reshapes the conv weight into it.
@@ -174,31 +174,46 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """pixel_values [t*h*w, C*tp*p*p] -> merged tokens [t*h*w / merge², out_hidden_size]."""
-        c, device = self.config, pixel_values.device
-        grid_thw = (int(grid_thw[0]), int(grid_thw[1]), int(grid_thw[2]))
-        unit = c.spatial_merge_size**2
-        x = self.patch_embed(pixel_values.to(next(self.parameters()).dtype))
-        seq = x.shape[0]
-        if seq != grid_thw[0] * grid_thw[1] * grid_thw[2]:
-            raise ValueError(f"{seq} patches do not fill grid {grid_thw}")
-        order, window_lengths = window_index(
-            grid_thw, c.spatial_merge_size, c.window_size // c.spatial_merge_size // c.patch_size
-        )
-        order = order.to(device)
-        x = x.view(seq // unit, unit, -1)[order].reshape(seq, -1)
+        return self.forward_many([(pixel_values, grid_thw)])[0]
 
-        pos = vision_position_ids(grid_thw, c.spatial_merge_size).to(device)
-        freqs = pos.to(torch.float32)[..., None] * self.inv_freq  # [S, 2, D/4]
-        freqs = freqs.flatten(1)  # h angles then w angles: [S, D/2]
-        freqs = freqs.view(seq // unit, unit, -1)[order].reshape(seq, -1)
+    def forward_many(
+        self, images: list[tuple[torch.Tensor, tuple[int, int, int]]]
+    ) -> list[torch.Tensor]:
+        """Several images in one pass: their patches are concatenated, so every linear layer runs
+        once for all of them; attention stays within each image's windows and frames."""
+        c = self.config
+        device = images[0][0].device
+        unit = c.spatial_merge_size**2
+        window = c.window_size // c.spatial_merge_size // c.patch_size
+        xs, freq_parts, orders, window_lengths, frame_lengths, sizes = [], [], [], [], [], []
+        units_before = 0
+        for pixel_values, grid in images:
+            grid_thw = (int(grid[0]), int(grid[1]), int(grid[2]))
+            x = self.patch_embed(pixel_values.to(next(self.parameters()).dtype))
+            seq = x.shape[0]
+            if seq != grid_thw[0] * grid_thw[1] * grid_thw[2]:
+                raise ValueError(f"{seq} patches do not fill grid {grid_thw}")
+            order, lengths = window_index(grid_thw, c.spatial_merge_size, window)
+            order = order.to(device)
+            xs.append(x.view(seq // unit, unit, -1)[order].reshape(seq, -1))
+            pos = vision_position_ids(grid_thw, c.spatial_merge_size).to(device)
+            freqs = (pos.to(torch.float32)[..., None] * self.inv_freq).flatten(1)  # h, w angles
+            freq_parts.append(freqs.view(seq // unit, unit, -1)[order].reshape(seq, -1))
+            orders.append(order + units_before)
+            units_before += seq // unit
+            window_lengths += lengths
+            frame_lengths += [grid_thw[1] * grid_thw[2]] * grid_thw[0]
+            sizes.append(seq // unit)
+        x = torch.cat(xs)
+        freqs = torch.cat(freq_parts)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos_sin = (emb.cos(), emb.sin())
-
-        frames = segments([grid_thw[1] * grid_thw[2]] * grid_thw[0], device)  # full attention
+        frames = segments(frame_lengths, device)  # full attention within each frame
         windows = segments(window_lengths, device)
         for i, block in enumerate(self.blocks):
             x = block(x, cos_sin, frames if i in c.fullatt_block_indexes else windows)
-        return self.merger(x)[torch.argsort(order)]
+        merged = self.merger(x)[torch.argsort(torch.cat(orders))]
+        return list(merged.split(sizes))
 
     @torch.no_grad()
     def load_weight(self, name: str, tensor: torch.Tensor) -> str:
@@ -229,6 +244,12 @@ class Qwen2_5_VLModel(Decoder):
     ) -> torch.Tensor:
         """One image's patches [t*h*w, C*tp*p*p] -> its placeholder embeddings [t*h*w/merge², H]."""
         return self.visual(pixel_values, grid_thw)
+
+    def encode_images(
+        self, images: list[tuple[torch.Tensor, tuple[int, int, int]]]
+    ) -> list[torch.Tensor]:
+        """Several images' patches in one batched vision pass; one embedding tensor per image."""
+        return self.visual.forward_many(images)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
