@@ -68,3 +68,14 @@ stage_latency = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+
+STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+step_forward_time = Histogram(
+    "tessera_step_forward_seconds", "Executor time per model step", buckets=STEP_BUCKETS
+)
+step_gap_time = Histogram(
+    "tessera_step_gap_seconds",
+    "Executor idle time between two model steps while the engine had work",
+    buckets=STEP_BUCKETS,
+)

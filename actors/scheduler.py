@@ -1,13 +1,13 @@
-"""Scheduler stage: admits tokenized requests, plans each step, applies results and stop rules.
+"""Scheduler stage: admits engine requests, plans each step, applies results and stop rules.
 
 It owns the block tables; the executor owns the KV memory. One plan goes to every tensor-parallel
-rank; new tokens go to the detokenizer replica that owns the request.
+rank, the next one planned while the executor runs the last (see scheduling.planner); new tokens
+go to the detokenizer replica that owns the request.
 """
 
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Any
 
 import anyio
@@ -16,35 +16,30 @@ from actors import metrics
 from actors.scheduling.block_pool import BlockPool
 from actors.scheduling.planner import Finished, Planner, PlannerLimits
 from actors.scheduling.request_state import RequestState
-from core.actor import Actor
+from actors.scheduling.step_times import StepTimes
+from actors.stage import Stage
+from core.launch.addresses import owner
 from protocols.messages import (
     AbortRequest,
+    EngineRequest,
     ErrorInfo,
     RequestError,
-    StepPlan,
     StepResult,
     TokenBatch,
     TokenDelta,
-    TokenizedRequest,
 )
 
-EARLY_ABORT_TTL_S = 60.0
 
-
-class SchedulerActor(Actor):
+class SchedulerActor(Stage):
     async def setup(self) -> dict[str, Any]:
-        info = self.engine_info
-        c = self.config
-        self.pool = BlockPool(
-            int(info["num_blocks"]), int(info["block_size"]), c.enable_prefix_caching
-        )
-        self.max_model_len = int(info["max_model_len"])
+        facts, c = self.facts, self.config
+        self.pool = BlockPool(facts.num_blocks, facts.block_size, c.enable_prefix_caching)
         self.planner = Planner(
             self.pool,
             PlannerLimits(
                 max_num_seqs=c.max_num_seqs,
                 max_num_batched_tokens=max(c.max_num_batched_tokens, 1),
-                max_model_len=self.max_model_len,
+                max_model_len=facts.max_model_len,
                 enable_chunked_prefill=c.enable_chunked_prefill,
             ),
         )
@@ -52,11 +47,10 @@ class SchedulerActor(Actor):
         self.inbox = self.transport.mailbox(a.scheduler)
         self.results = self.transport.mailbox(a.results)
         self.plans = [self.transport.outbox(addr, bind=True) for addr in a.plans]
-        self.detoks = [self.transport.outbox(addr, bind=True) for addr in a.detokenizers]
+        self.detoks = [self.transport.outbox(addr) for addr in a.detokenizers]
         self.to_gateway = self.transport.outbox(a.gateway)
         self.wake = anyio.Event()
-        self.early_aborts: dict[str, float] = {}
-        self._step_times: list[tuple[float, float]] = []  # (executor, round trip) seconds
+        self.times = StepTimes()
         self._seen = {"prompt": 0, "gen": 0, "preempt": 0, "queries": 0, "hits": 0}
         return {}
 
@@ -65,33 +59,46 @@ class SchedulerActor(Actor):
             tg.start_soon(
                 self.serve,
                 self.inbox,
-                {TokenizedRequest: self.on_request, AbortRequest: self.on_abort},
+                {EngineRequest: self.on_request, AbortRequest: self.on_abort},
             )
             tg.start_soon(self._step_loop)
             tg.start_soon(self._stats_loop)
 
-    async def on_request(self, req: TokenizedRequest) -> None:
-        if self.early_aborts.pop(req.request_id, None) is not None:
-            return
-        # Every request fits the pool: the tokenizer bounds it by max_model_len, and the executor
+    async def on_request(self, req: EngineRequest) -> None:
+        # Every request fits the pool: its stage bounds it by max_model_len, and the executor
         # only starts with a pool that holds max_model_len tokens.
-        self.planner.add(RequestState.from_tokenized(req))
+        try:
+            self.planner.add(req)
+        except ValueError as exc:
+            self.log.warning("duplicate request dropped", request_id=req.request_id, error=str(exc))
+            return
         self.wake.set()
 
     async def on_abort(self, msg: AbortRequest) -> None:
-        if self.planner.abort(msg.request_id) is None and msg.reason == "abort":
-            now = time.monotonic()
-            self.early_aborts[msg.request_id] = now
-            for rid, t in list(self.early_aborts.items()):
-                if now - t > EARLY_ABORT_TTL_S:
-                    del self.early_aborts[rid]
+        """End a request. An abort for a request not here is ignored: aborts follow the request's
+        own path, so it either ended already or is not coming (an early copy, see CONTRACT)."""
+        if self.planner.abort(msg.request_id) is None:
+            return
         self.log.debug("request aborted", request_id=msg.request_id, reason=msg.reason)
-        self.wake.set()
-
-    def _detok_for(self, request_id: str) -> int:
-        return zlib.crc32(request_id.encode()) % len(self.detoks)
+        if msg.reason == "abort":  # client gone: the detokenizer drops the request's stream
+            closing = TokenDelta(msg.request_id, [], finish_reason="abort")
+            await self.detoks[owner(msg.request_id, len(self.detoks))].send(TokenBatch([closing]))
+        self.wake.set()  # its finished_ids go out with the next plan
 
     async def _step_loop(self) -> None:
+        """Keep up to two plans with the executor; apply each result as it comes back."""
+        while True:
+            await self._send_plans()
+            if not self.planner.in_flight:
+                self.times.idle()
+                self._record([])  # idle: the gauges show an empty engine
+                self.wake = anyio.Event()
+                await self.wake.wait()
+                continue
+            result: StepResult = await self.results.recv()
+            await self._apply(result)
+
+    async def _send_plans(self) -> None:
         while True:
             preempted_before = self.planner.stats.preemptions
             plan = self.planner.schedule()
@@ -102,55 +109,47 @@ class SchedulerActor(Actor):
                     kv_blocks=self.pool.num_blocks,
                 )
             if plan is None:
-                self._record([])  # idle: the gauges show an empty engine
-                self.wake = anyio.Event()
-                await self.wake.wait()
-                continue
+                return
             for out in self.plans:
                 await out.send(plan)
-            if not plan.sequences:
-                continue
-            sent = time.perf_counter()
-            result: StepResult = await self.results.recv()
-            self._step_times.append((result.elapsed_s, time.perf_counter() - sent))
-            if result.error is not None:
-                await self._fail_step(plan, result.error)
-                continue
-            update = self.planner.update(result.sampled)
-            batches: dict[int, list[TokenDelta]] = {}
-            for req, delta in update.deltas:
-                batches.setdefault(self._detok_for(req.request_id), []).append(delta)
-            for idx, deltas in batches.items():
-                await self.detoks[idx].send(TokenBatch(deltas))
-            self._record(update.finished)
 
-    async def _fail_step(self, plan: StepPlan, error: str) -> None:
-        """The executor could not run this step: its requests end with a 500, others go on."""
-        self.planner.in_flight = {}
-        for seq in plan.sequences:
-            if self.planner.abort(seq.request_id) is not None:
-                info = ErrorInfo(
-                    f"the model step failed: {error}", type="InternalServerError", code=500
-                )
-                await self.to_gateway.send(RequestError(seq.request_id, info))
+    async def _apply(self, result: StepResult) -> None:
+        gap = self.times.add(result)
+        metrics.step_forward_time.observe(result.elapsed_s)
+        if gap is not None:
+            metrics.step_gap_time.observe(gap)
+        update = self.planner.apply(result)
+        batches: dict[int, list[tuple[RequestState, TokenDelta]]] = {}
+        for state, delta in update.deltas:
+            batches.setdefault(owner(state.request_id, len(self.detoks)), []).append((state, delta))
+        for idx, pairs in batches.items():
+            # A request aborted while an earlier batch was sent has had its stream closed: its
+            # remaining deltas would reach a detokenizer that no longer knows it.
+            deltas = [d for st, d in pairs if not (st.finished and d.finish_reason is None)]
+            if deltas:
+                await self.detoks[idx].send(TokenBatch(deltas))
+        for fin in update.finished:
+            if fin.reason == "error":  # the executor could not run the step: a 500, others go on
+                message = f"the model step failed: {result.error or 'no token sampled'}"
+                info = ErrorInfo(message, type="InternalServerError", code=500)
+                await self.to_gateway.send(RequestError(fin.state.request_id, info))
+        self._record(update.finished)
 
     def _record(self, finished: list[Finished]) -> None:
         """Prometheus figures: latencies of finished requests, counters, gauges."""
         now = time.time()
         for fin in finished:
-            r = fin.request
+            r = fin.state
+            n_out = len(r.output_token_ids)
             self.log.debug(
-                "request finished",
-                request_id=r.request_id,
-                reason=fin.reason,
-                tokens=len(r.output_token_ids),
+                "request finished", request_id=r.request_id, reason=fin.reason, tokens=n_out
             )
             metrics.requests_finished.labels(fin.reason).inc()
             metrics.e2e_latency.observe(now - r.arrival_time)
             if r.first_token_time is not None:
                 metrics.ttft.observe(r.first_token_time - r.arrival_time)
-                if len(r.output_token_ids) > 1:
-                    metrics.tpot.observe((now - r.first_token_time) / (len(r.output_token_ids) - 1))
+                if n_out > 1:
+                    metrics.tpot.observe((now - r.first_token_time) / (n_out - 1))
             if r.scheduled_time is not None:
                 metrics.stage_latency.labels("scheduler_queue").observe(
                     r.scheduled_time - r.queued_time
@@ -179,19 +178,9 @@ class SchedulerActor(Actor):
         metrics.kv_cache_usage.set(pool.usage)
         metrics.prefix_cache_hit_rate.set(pool.hit_rate)
 
-    def _step_summary(self) -> dict[str, float]:
-        """Mean forward time and scheduler round trip per step since the last stats line."""
-        times, self._step_times = self._step_times, []
-        if not times:
-            return {}
-        return {
-            "steps": len(times),
-            "forward_ms": round(1000 * sum(t[0] for t in times) / len(times), 1),
-            "step_ms": round(1000 * sum(t[1] for t in times) / len(times), 1),
-        }
-
     async def _stats_loop(self) -> None:
-        """The periodic log line: throughput, batch, KV usage, prefix-cache hit rate."""
+        """The periodic log line: throughput, batch, KV usage, prefix-cache hit rate, and the
+        executor's mean forward time and idle gap between forwards."""
         interval = self.config.log_stats_interval_s
         if interval <= 0:
             return
@@ -212,5 +201,5 @@ class SchedulerActor(Actor):
                 kv_usage=f"{self.pool.usage:.1%}",
                 prefix_hit_rate=f"{self.pool.hit_rate:.1%}",
                 preemptions=s.preemptions,
-                **self._step_summary(),
+                **self.times.summary(),
             )

@@ -16,6 +16,7 @@ import orjson
 
 _REGISTRY: dict[str, type] = {}
 _HINTS: dict[type, dict[str, Any]] = {}
+_SCALARS = (int, float, str, bool)
 T = TypeVar("T")
 
 
@@ -82,6 +83,8 @@ def _to_plain(value: Any, frames: list) -> Any:
             f.name: _to_plain(getattr(value, f.name), frames) for f in dataclasses.fields(value)
         }
     if isinstance(value, (list, tuple)):
+        if value and type(value[0]) in _SCALARS:  # token ids, block tables: orjson takes them
+            return value
         return [_to_plain(v, frames) for v in value]
     if isinstance(value, dict):
         return {k: _to_plain(v, frames) for k, v in value.items()}
@@ -111,5 +114,9 @@ def _from_plain(tp: Any, value: Any, buffers: list) -> Any:
         return _from_plain(args[0], value, buffers) if len(args) == 1 else value
     if origin is list:
         (arg,) = typing.get_args(tp)
+        if arg in _SCALARS:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            return value
         return [_from_plain(arg, v, buffers) for v in value]
     return value

@@ -282,6 +282,7 @@ class StepResult(Record):
     sampled: list[SampledToken]
     elapsed_s: float = 0.0
     error: str | None = None  # the step raised: its requests fail, the engine carries on
+    started_s: float = 0.0  # executor's time.perf_counter() as the forward began (0: unknown)
 
 
 @dataclass

@@ -1,5 +1,10 @@
 """Step planning: continuous batching under one token budget, chunked prefill, prefix reuse,
-preemption by recompute. Pure Python; the scheduler actor wraps it with sockets.
+preemption by recompute, and overlapped scheduling. Pure Python; the scheduler stage wraps it.
+
+Overlap: step N+1 is planned while step N runs. A request whose step-N chunk samples (a decode, or
+a prompt's last chunk) is assumed to go on: its next decode is planned at the position after step
+N, before step N's token is known (the executor reads that token from its own state). At most
+`max_steps_in_flight` plans are out; results come back in plan order and are applied by `apply`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from dataclasses import dataclass, field
 
 from actors.scheduling.block_pool import BlockPool, block_hash
 from actors.scheduling.request_state import RequestState
-from protocols.messages import NewSequence, SampledToken, ScheduledSequence, StepPlan, TokenDelta
+from protocols.messages import EngineRequest, ScheduledSequence, StepPlan, StepResult, TokenDelta
 
 
 @dataclass
@@ -19,6 +24,7 @@ class PlannerLimits:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    max_steps_in_flight: int = 2  # 1: no overlap, each plan waits for the previous result
 
 
 @dataclass
@@ -30,15 +36,33 @@ class StepStats:
 
 @dataclass
 class Finished:
-    request: RequestState
-    reason: str
+    state: RequestState
+    reason: str  # "stop" | "length" | "error"
     stop_reason: int | str | None = None
 
 
 @dataclass
 class Update:
+    """What one step's result produced: a delta per sampled token, and the requests it ended."""
+
     deltas: list[tuple[RequestState, TokenDelta]] = field(default_factory=list)
     finished: list[Finished] = field(default_factory=list)
+
+
+@dataclass
+class Planned:
+    """One sequence of a step in flight, as planned: whose, in which epoch, up to where."""
+
+    state: RequestState
+    epoch: int  # the request's num_preemptions when planned: a preemption voids the progress
+    end: int  # start_pos + num_tokens
+    sample: bool
+
+
+@dataclass
+class StepInFlight:
+    step_id: int
+    planned: list[Planned]
 
 
 class Planner:
@@ -48,38 +72,53 @@ class Planner:
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self.requests: dict[str, RequestState] = {}
-        self.to_forget: list[str] = []  # executor state to drop at the next step
+        self.in_flight: deque[StepInFlight] = deque()  # plans sent, results not yet applied
+        self.to_finish: list[str] = []  # ended requests the executor may hold: next plan
         self.step_id = 0
         self.stats = StepStats()
-        self.in_flight: dict[str, int] = {}  # request id -> tokens scheduled in the current step
 
-    # ---------------------------------------------------------------- admission and abort
+    # ---------------------------------------------------------------- admission and end
     def blocks_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.pool.block_size)
 
-    def add(self, req: RequestState) -> None:
-        self.requests[req.request_id] = req
-        self.waiting.append(req)
+    def add(self, request: EngineRequest) -> RequestState:
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already scheduled")
+        state = RequestState(request)
+        self.requests[request.request_id] = state
+        self.waiting.append(state)
+        return state
 
     def abort(self, request_id: str) -> RequestState | None:
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
-        self._free(req)
-        return req
+        """End a request now; None (and nothing done) for a request this planner does not know."""
+        state = self.requests.get(request_id)
+        if state is not None:
+            self._finish(state)
+        return state
 
-    def _free(self, req: RequestState) -> None:
-        self.pool.release(req.block_ids)
-        req.block_ids = []
-        req.block_hashes = []
-        req.num_computed = 0
-        if req.on_executor:
-            self.to_forget.append(req.request_id)
-            req.on_executor = False
+    def _finish(self, state: RequestState) -> None:
+        """End a request and give its blocks back at once, even while a step that writes them is
+        in flight (the decode planned before its stop was known, or any step when aborted).
+
+        Safe because the executor runs plans in order: a later plan that gets these blocks runs
+        after that step's writes, and its request reads only positions it wrote itself or blocks
+        of the prefix cache. A step in flight never writes a cached block: blocks are hashed only
+        when a result confirms their KV, and a step writes only past its request's progress."""
+        del self.requests[state.request_id]
+        if state in self.running:
+            self.running.remove(state)
+        else:
+            self.waiting.remove(state)
+        self._release(state)
+        state.finished = True
+        if state.sent or state.request.images:  # executor state or pixels to drop
+            self.to_finish.append(state.request_id)
+
+    def _release(self, state: RequestState) -> None:
+        self.pool.release(state.block_ids)
+        state.block_ids = []
+        state.block_hashes = []
+        state.num_computed = 0
 
     @property
     def has_work(self) -> bool:
@@ -87,165 +126,188 @@ class Planner:
 
     # ---------------------------------------------------------------- planning
     def schedule(self) -> StepPlan | None:
+        """The next step's plan; None when there is nothing to send or enough plans are out.
+
+        A plan with no sequences only carries finished_ids (the executor sends no result)."""
+        if len(self.in_flight) >= self.limits.max_steps_in_flight:
+            return None
         budget = self.limits.max_num_batched_tokens
         chosen: list[tuple[RequestState, int]] = []
-        new: list[NewSequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self.limits.enable_chunked_prefill and n < req.num_tokens - req.num_computed:
+            state = self.running[i]
+            n = self._chunk(state, budget)
+            if n == 0:
                 i += 1
                 continue
-            while not self._grow(req, n):
-                victim = self.running[-1]
+            while not self._grow(state, n):
+                victim = self.running[-1]  # the newest; never one already chosen (index >= i)
                 self._preempt(victim)
-                if victim is req:
+                if victim is state:
                     n = 0
                     break
             if n == 0:
                 break
-            chosen.append((req, n))
+            chosen.append((state, n))
             budget -= n
             i += 1
+        new: list[EngineRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            req = self.waiting[0]
-            if not req.block_ids:
-                self._reuse_prefix(req)
-            remaining = req.num_tokens - req.num_computed
-            n = min(remaining, budget)
-            if (not self.limits.enable_chunked_prefill and n < remaining) or not self._grow(req, n):
-                self._free(req)  # hold no blocks while waiting
+            state = self.waiting[0]
+            if state.num_pending:
+                break  # preempted while its step ran: that step's token comes first
+            if not state.block_ids:
+                self._reuse_prefix(state)
+            n = self._chunk(state, budget)
+            if n == 0 or not self._grow(state, n):
+                self._release(state)  # hold no blocks while waiting
                 break
             self.waiting.popleft()
-            self.running.append(req)
-            if req.scheduled_time is None:
-                req.scheduled_time = time.time()
-            chosen.append((req, n))
+            self.running.append(state)
+            if state.scheduled_time is None:
+                state.scheduled_time = time.time()
+            if not state.sent:  # the first time it runs; a preempted request is not re-sent
+                state.sent = True
+                new.append(state.request)
+            chosen.append((state, n))
             budget -= n
-            if not req.on_executor:
-                req.on_executor = True
-                new.append(
-                    NewSequence(
-                        request_id=req.request_id,
-                        prompt_token_ids=req.prompt_token_ids,
-                        sampling=req.sampling,
-                        eos_token_ids=req.eos_token_ids,
-                        images=req.images,
-                        mrope_positions=req.mrope_positions,
-                        mrope_position_delta=req.mrope_position_delta,
-                        output_token_ids=list(req.output_token_ids),
-                    )
-                )
-        forget, self.to_forget = self.to_forget, []
+        finished, self.to_finish = self.to_finish, []
         if not chosen:
-            return StepPlan(-1, [], [], forget) if forget else None
-        seqs = []
-        self.in_flight = {}
-        for req, n in chosen:
-            start = req.num_computed
-            seqs.append(
-                ScheduledSequence(
-                    request_id=req.request_id,
-                    token_ids=req.tokens(start, start + n),
-                    start_pos=start,
-                    block_table=list(req.block_ids),
-                    sample=start + n == req.num_tokens,
-                )
-            )
-            self.in_flight[req.request_id] = n
-            if start < len(req.prompt_token_ids):
-                self.stats.prompt_tokens += min(n, len(req.prompt_token_ids) - start)
+            return StepPlan(-1, [], [], finished) if finished else None
         self.step_id += 1
-        return StepPlan(self.step_id, seqs, new, forget)
+        seqs, planned = [], []
+        for state, n in chosen:
+            start = state.num_computed
+            sample = start + n == state.num_tokens + state.num_pending
+            seqs.append(
+                ScheduledSequence(state.request_id, start, n, list(state.block_ids), sample)
+            )
+            planned.append(Planned(state, state.num_preemptions, start + n, sample))
+            state.num_computed += n
+            state.num_pending += sample
+            if start < state.num_prompt_tokens:
+                self.stats.prompt_tokens += min(n, state.num_prompt_tokens - start)
+        self.in_flight.append(StepInFlight(self.step_id, planned))
+        return StepPlan(self.step_id, seqs, new, finished)
 
-    def _grow(self, req: RequestState, n: int) -> bool:
-        need = self.blocks_needed(req.num_computed + n) - len(req.block_ids)
+    def _chunk(self, state: RequestState, budget: int) -> int:
+        """How many of its tokens `state` runs next within `budget`; 0: it sits this step out.
+
+        Its tokens are the known ones plus one per sampling step in flight. It never samples
+        past its length limit: with that many tokens pending it waits for their results."""
+        remaining = state.num_tokens + state.num_pending - state.num_computed
+        n_out = len(state.output_token_ids) + state.num_pending
+        if remaining <= 0 or state.at_length(n_out, self.limits.max_model_len):
+            return 0
+        n = min(remaining, budget)
+        if n < remaining and not self.limits.enable_chunked_prefill:
+            return 0
+        return n
+
+    def _grow(self, state: RequestState, n: int) -> bool:
+        need = self.blocks_needed(state.num_computed + n) - len(state.block_ids)
         if need <= 0:
             return True
         if need > self.pool.num_free:
             return False
-        req.block_ids.extend(self.pool.allocate(need))
+        state.block_ids.extend(self.pool.allocate(need))
         return True
 
-    def _preempt(self, req: RequestState) -> None:
-        self.running.remove(req)
-        self._free(req)
-        req.num_preemptions += 1
+    def _preempt(self, state: RequestState) -> None:
+        """Recompute later: blocks and KV progress go, executor state stays (see _finish on why
+        releasing blocks a step in flight still writes is safe)."""
+        self.running.remove(state)
+        self._release(state)
+        state.num_preemptions += 1
         self.stats.preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.appendleft(state)
 
-    def _reuse_prefix(self, req: RequestState) -> None:
+    def _reuse_prefix(self, state: RequestState) -> None:
         """Take cached blocks for the longest hashed prefix; one token is always left to run."""
         bs = self.pool.block_size
-        full = (req.num_tokens - 1) // bs
+        full = (state.num_tokens - 1) // bs
         parent = None
         hits: list[int] = []
         for b in range(full):
             h = block_hash(
-                parent, req.tokens(b * bs, (b + 1) * bs), req.image_keys(b * bs, (b + 1) * bs)
+                parent, state.tokens(b * bs, (b + 1) * bs), state.image_keys(b * bs, (b + 1) * bs)
             )
             block = self.pool.lookup(h)
             if block is None:
                 break
             hits.append(block)
-            req.block_hashes.append(h)
+            state.block_hashes.append(h)
             parent = h
         for block in hits:
             self.pool.share(block)
-        req.block_ids = hits
-        req.num_computed = len(hits) * bs
-        if not req.on_executor and req.num_preemptions == 0:
-            req.num_cached_tokens = req.num_computed
-            self.pool.record_lookup(len(req.prompt_token_ids), req.num_computed)
+        state.block_ids = hits
+        state.num_computed = len(hits) * bs
+        if not state.sent:
+            state.num_cached_tokens = state.num_computed
+            self.pool.record_lookup(state.num_prompt_tokens, state.num_computed)
 
-    def _cache_full_blocks(self, req: RequestState) -> None:
+    def _cache_full_blocks(self, state: RequestState, upto: int) -> None:
+        """Hash the blocks a result confirmed full (KV of positions [0, upto) is computed)."""
         bs = self.pool.block_size
-        while len(req.block_hashes) < req.num_computed // bs:
-            b = len(req.block_hashes)
-            parent = req.block_hashes[-1] if req.block_hashes else None
+        while len(state.block_hashes) < upto // bs:
+            b = len(state.block_hashes)
+            parent = state.block_hashes[-1] if state.block_hashes else None
             h = block_hash(
-                parent, req.tokens(b * bs, (b + 1) * bs), req.image_keys(b * bs, (b + 1) * bs)
+                parent, state.tokens(b * bs, (b + 1) * bs), state.image_keys(b * bs, (b + 1) * bs)
             )
-            req.block_hashes.append(h)
-            self.pool.mark_cached(req.block_ids[b], h)
+            state.block_hashes.append(h)
+            self.pool.mark_cached(state.block_ids[b], h)
 
     # ---------------------------------------------------------------- results
-    def update(self, sampled: list[SampledToken]) -> Update:
-        """Apply one step's results: advance progress, append tokens, apply stop rules."""
+    def apply(self, result: StepResult) -> Update:
+        """Apply the oldest step in flight: confirm its KV, append its tokens, apply stop rules.
+
+        A request that ended while the step ran (aborted, or stopped by the step before, when
+        this decode was planned without knowing) has its token dropped. A request preempted
+        while the step ran keeps its token: the executor appended it to its own state."""
+        step = self.in_flight.popleft()
+        if step.step_id != result.step_id:
+            raise RuntimeError(f"result of step {result.step_id}, expected {step.step_id}")
         out = Update()
-        for rid, n in self.in_flight.items():
-            req = self.requests.get(rid)
-            if req is not None:
-                req.num_computed += n
-                self._cache_full_blocks(req)
-        self.in_flight = {}
+        tokens = {s.request_id: s for s in result.sampled}
         now = time.time()
-        for s in sampled:
-            req = self.requests.get(s.request_id)
-            if req is None:
-                continue  # aborted while its step ran
-            req.output_token_ids.append(s.token_id)
+        for p in step.planned:
+            state = p.state
+            if state.finished:
+                continue
+            if result.error is not None:
+                self._end(state, out, "error")
+                continue
+            if p.epoch == state.num_preemptions:
+                self._cache_full_blocks(state, p.end)
+            if not p.sample:
+                continue
+            state.num_pending -= 1
+            s = tokens.get(state.request_id)
+            if s is None:  # the executor sampled nothing for it: its token streams disagree
+                self._end(state, out, "error")
+                continue
+            state.output_token_ids.append(s.token_id)
             self.stats.generation_tokens += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            reason, stop_reason = req.check_stop(s.token_id)
-            if reason is None and req.num_tokens >= self.limits.max_model_len:
-                reason = "length"
+            if state.first_token_time is None:
+                state.first_token_time = now
+            reason, stop_reason = state.check_stop(s.token_id, self.limits.max_model_len)
             delta = TokenDelta(
-                request_id=req.request_id,
+                request_id=state.request_id,
                 token_ids=[s.token_id],
                 logprobs=[s.logprobs] if s.logprobs is not None else None,
                 finish_reason=reason,
                 stop_reason=stop_reason,
-                prompt_tokens=len(req.prompt_token_ids),
-                cached_tokens=req.num_cached_tokens,
-                sampling=None if req.announced else req.sampling,
-                mm_info=None if req.announced else req.mm_info(),
+                prompt_tokens=state.num_prompt_tokens,
+                cached_tokens=state.num_cached_tokens,
             )
-            req.announced = True
-            out.deltas.append((req, delta))
+            out.deltas.append((state, delta))
             if reason is not None:
-                out.finished.append(Finished(req, reason, stop_reason))
-                self.abort(req.request_id)
+                self._end(state, out, reason, stop_reason)
         return out
+
+    def _end(
+        self, state: RequestState, out: Update, reason: str, stop_reason: int | str | None = None
+    ) -> None:
+        out.finished.append(Finished(state, reason, stop_reason))
+        self._finish(state)

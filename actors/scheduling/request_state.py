@@ -1,93 +1,77 @@
-"""One request as the scheduler tracks it: its tokens, KV blocks, progress and stop rules."""
+"""One request as the scheduler tracks it: the EngineRequest it holds, plus KV progress, outputs,
+timings and the token-level stop rules (the one place they are decided)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from core.codec import Buffer
-from protocols.messages import ImageInput, SamplingParams, TokenizedRequest
+from protocols.messages import EngineRequest
 
 
-@dataclass
+@dataclass(eq=False)  # identity: found in and removed from the queues by object
 class RequestState:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    max_tokens: int
-    eos_token_ids: list[int]
-    images: list[ImageInput] = field(default_factory=list)
-    mrope_positions: Buffer | None = None
-    mrope_position_delta: int = 0
-    arrival_time: float = 0.0
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
+    request: EngineRequest
+    output_token_ids: list[int] = field(default_factory=list)  # tokens known to the scheduler
+    num_computed: int = 0  # positions whose KV is computed or planned in a step in flight
+    num_pending: int = 0  # planned sampling steps whose token is not known yet
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)
-    num_cached_tokens: int = 0
-    on_executor: bool = False  # the executor holds per-request state for it
-    announced: bool = False  # the detokenizer has seen its first delta
-    first_token_time: float | None = None
-    scheduled_time: float | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of the confirmed full blocks
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    sent: bool = False  # the executor holds its EngineRequest (sent in StepPlan.new_requests)
+    finished: bool = False
+    num_preemptions: int = 0  # also the epoch of its KV progress: steps planned before are void
     queued_time: float = field(default_factory=time.time)  # reached the scheduler
-    num_preemptions: int = 0
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
 
-    @classmethod
-    def from_tokenized(cls, req: TokenizedRequest) -> RequestState:
-        return cls(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=req.sampling,
-            max_tokens=req.max_tokens,
-            eos_token_ids=req.eos_token_ids,
-            images=req.images,
-            mrope_positions=req.mrope_positions,
-            mrope_position_delta=req.mrope_position_delta,
-            arrival_time=req.arrival_time or time.time(),
-        )
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def arrival_time(self) -> float:
+        return self.request.arrival_time or self.queued_time
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+        """Prompt plus the outputs known so far."""
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
 
     def tokens(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
-
-    def mm_info(self) -> dict | None:
-        """Image sizes the client needs to map boxes back to its original image."""
-        if not self.images:
-            return None
-        return {
-            "images": [
-                {"original_size": im.original_size, "resized_size": im.resized_size}
-                for im in self.images
-            ]
-        }
+        prompt = self.request.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_token_ids)[start:end]
 
     def image_keys(self, start: int, end: int) -> list[str]:
         """Content hashes of the images whose placeholder tokens overlap [start, end)."""
         return [
             im.content_hash
-            for im in self.images
+            for im in self.request.images
             if im.offset < end and im.offset + im.length > start
         ]
 
-    def check_stop(self, token_id: int) -> tuple[str | None, int | str | None]:
+    def at_length(self, num_outputs: int, max_model_len: int) -> bool:
+        """Whether `num_outputs` output tokens end the request: max_tokens, or a full context."""
+        return (
+            num_outputs >= self.request.max_tokens
+            or self.num_prompt_tokens + num_outputs >= max_model_len
+        )
+
+    def check_stop(self, token_id: int, max_model_len: int) -> tuple[str | None, int | str | None]:
         """Finish reason and stop reason after `token_id` was appended, or (None, None)."""
         n_out = len(self.output_token_ids)
-        sp = self.sampling
+        sp = self.request.sampling
         if n_out >= sp.min_tokens:
-            if not sp.ignore_eos and token_id in self.eos_token_ids:
+            if not sp.ignore_eos and token_id in self.request.eos_token_ids:
                 return "stop", None
             if token_id in sp.stop_token_ids:
                 return "stop", token_id
-        if n_out >= self.max_tokens:
+        if self.at_length(n_out, max_model_len):
             return "length", None
         return None, None
