@@ -1,7 +1,7 @@
 """The front door: a ROUTER that any number of SDK clients (and the HTTP adapter) connect to.
 
-Requests go on to the tokenizer replicas; outputs and errors come back here and are routed to the
-client that asked, by request id. Aborts go straight to the scheduler.
+A request and its abort go to the tokenizer replica that owns the request (so the abort can never
+overtake it); outputs and errors come back here and are routed to the client that asked.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from typing import Any
 
 import anyio
 
-from core.actor import Actor
+from actors.admission import RequestInvalid, check_request_id
 from core.codec import CodecError
 from core.control import ActorReady
+from core.launch.addresses import owner
+from core.transport import Outbox
 from protocols.messages import (
     AbortRequest,
+    EngineFacts,
     ErrorInfo,
     GenerateRequest,
     HealthReply,
@@ -24,18 +27,17 @@ from protocols.messages import (
     RequestError,
     RequestOutput,
 )
+from protocols.stage import Stage
 
 
-class GatewayActor(Actor):
+class GatewayActor(Stage):
     async def setup(self) -> dict[str, Any]:
         a = self.addresses
         self.front = self.transport.front_door(a.front)
         self.inbox = self.transport.mailbox(a.gateway)
-        self.to_tokenizers = self.transport.outbox(a.tokenizer, bind=True)
-        self.to_scheduler = self.transport.outbox(a.scheduler)
+        self.to_tokenizers = [self.transport.outbox(address) for address in a.tokenizers]
         self.clients: dict[str, bytes] = {}  # request id -> client identity
-        self.ready = False
-        self.info: dict[str, Any] = dict(self.engine_info)
+        self.ready_facts: EngineFacts | None = None  # set once every stage is up
         return {}
 
     async def run(self) -> None:
@@ -51,6 +53,9 @@ class GatewayActor(Actor):
                 },
             )
 
+    def _tokenizer(self, request_id: str) -> Outbox:
+        return self.to_tokenizers[owner(request_id, len(self.to_tokenizers))]
+
     async def _serve_clients(self) -> None:
         while True:
             try:
@@ -58,35 +63,44 @@ class GatewayActor(Actor):
             except CodecError as exc:
                 self.log.warning("bad client message", error=str(exc))
                 continue
-            if isinstance(record, GenerateRequest):
-                await self._admit(ident, record)
-            elif isinstance(record, AbortRequest):
-                if self.clients.pop(record.request_id, None) is not None:
-                    await self.to_scheduler.send(record)
-            elif isinstance(record, HealthRequest):
-                reply = HealthReply(record.request_id, ready=self.ready, info=self.info)
-                await self._reply(ident, reply)
+            try:
+                await self._on_client(ident, record)
+            except Exception:  # one bad message must never close the front door
+                self.log.exception("client message failed", kind=type(record).__name__)
+
+    async def _on_client(self, ident: bytes, record: Any) -> None:
+        if isinstance(record, GenerateRequest):
+            await self._admit(ident, record)
+        elif isinstance(record, AbortRequest):
+            if self.clients.pop(record.request_id, None) is not None:
+                await self._tokenizer(record.request_id).send(record)
+        elif isinstance(record, HealthRequest):
+            ready = self.ready_facts is not None
+            reply = HealthReply(record.request_id, ready=ready, facts=self.ready_facts)
+            await self.front.send(ident, reply)
 
     async def _admit(self, ident: bytes, req: GenerateRequest) -> None:
+        try:
+            check_request_id(req.request_id)
+        except RequestInvalid as exc:
+            await self.front.send(ident, _error_batch(req.request_id, exc.error))
+            return
         if req.request_id in self.clients:
             err = ErrorInfo(
                 f"request id {req.request_id!r} is already in flight", param="request_id"
             )
-            await self._reply(ident, _error_batch(req.request_id, err))
+            await self.front.send(ident, _error_batch(req.request_id, err))
             return
-        if not self.ready:
+        if self.ready_facts is None:
             err = ErrorInfo(
                 "the engine is still starting", type="ServiceUnavailableError", code=503
             )
-            await self._reply(ident, _error_batch(req.request_id, err))
+            await self.front.send(ident, _error_batch(req.request_id, err))
             return
         self.clients[req.request_id] = ident
         req.arrival_time = req.arrival_time or time.time()
         self.log.debug("request admitted", request_id=req.request_id)
-        await self.to_tokenizers.send(req)
-
-    async def _reply(self, ident: bytes, record: Any) -> None:
-        await self.front.send(ident, record)
+        await self._tokenizer(req.request_id).send(req)
 
     async def on_outputs(self, batch: OutputBatch) -> None:
         by_client: dict[bytes, list[RequestOutput]] = {}
@@ -101,17 +115,17 @@ class GatewayActor(Actor):
                     "request finished", request_id=out.request_id, finish_reason=out.finish_reason
                 )
         for ident, outs in by_client.items():
-            await self._reply(ident, OutputBatch(outs))
+            await self.front.send(ident, OutputBatch(outs))
 
     async def on_error(self, err: RequestError) -> None:
         ident = self.clients.pop(err.request_id, None)
         self.log.info("request refused", request_id=err.request_id, error=err.error.message)
         if ident is not None:
-            await self._reply(ident, _error_batch(err.request_id, err.error))
+            await self.front.send(ident, _error_batch(err.request_id, err.error))
 
     async def on_engine_ready(self, msg: ActorReady) -> None:
-        self.ready = True
-        self.info.update(msg.info)
+        """The supervisor's notice that every stage is up; its info holds the engine facts."""
+        self.ready_facts = EngineFacts.from_info(msg.info)
 
 
 def _error_batch(request_id: str, error: ErrorInfo) -> OutputBatch:

@@ -1,91 +1,135 @@
-"""Image preprocessor stage: fetch, decode and resize each image, expand its placeholder tokens,
-and compute the M-RoPE positions, so the scheduler and executor stay model-agnostic.
+"""Image preprocessor stage: fetch, decode and resize each image and expand its placeholder
+tokens, so the scheduler sees an ordinary `EngineRequest` and the executors already hold pixels.
 
-tokenizer -> (this stage, when a request has images) -> scheduler. Each request is its own task:
-one slow URL never holds back the others.
+tokenizer -> (this stage, for requests with images) -> every executor rank (ImagePixels),
+the owning detokenizer (StreamOpen), then the scheduler (EngineRequest). Each request is its own
+task: one slow URL never holds back the others, and an abort cancels only its request's task.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import numpy as np
 
 from actors import metrics
-from actors.limits import RequestInvalid, resolve_max_tokens
+from actors.admission import RequestInvalid, resolve_max_tokens
 from actors.media import MediaError, MediaPolicy, content_hash, load_image
-from core.actor import Actor
 from core.codec import Buffer
+from core.launch.addresses import owner
+from models.detokenizer import PROMPT_CONTEXT
 from models.image_processing import ImageProcessorConfig, ProcessedImage, preprocess_image
-from models.mrope import mrope_positions
-from protocols.messages import ErrorInfo, ImageInput, RequestError, TokenizedRequest
+from protocols.messages import (
+    AbortRequest,
+    EngineRequest,
+    ErrorInfo,
+    ImagePixels,
+    ImageRef,
+    PendingImages,
+    RequestError,
+    StreamOpen,
+)
+from protocols.stage import Stage
 
-MM_KWARGS = {"min_pixels", "max_pixels"}
+
+@dataclass
+class Prepared:
+    """A request whose images are ready: what this stage sends, in the order it sends it."""
+
+    pixels: list[ImagePixels]
+    stream: StreamOpen
+    request: EngineRequest
 
 
-class ImagePreprocessorActor(Actor):
+class ImagePreprocessorActor(Stage):
     async def setup(self) -> dict[str, Any]:
-        info = self.engine_info
-        self.max_model_len = int(info["max_model_len"])
-        self.image_token_id = info.get("image_token_id")
-        self.merge_size = int(info.get("spatial_merge_size") or 2)
         self.processor = (
-            ImageProcessorConfig.load(self.config.model)
-            if self.image_token_id is not None
-            else None
+            ImageProcessorConfig.load(self.config.model) if self.facts.accepts_images else None
         )
         self.policy = MediaPolicy(
             allowed_local_media_path=self.config.allowed_local_media_path,
             allowed_media_domains=list(self.config.allowed_media_domains),
         )
-        self.inbox = self.transport.mailbox(self.addresses.images[self.index])
-        self.to_scheduler = self.transport.outbox(self.addresses.scheduler)
-        self.to_gateway = self.transport.outbox(self.addresses.gateway)
+        a = self.addresses
+        self.inbox = self.transport.mailbox(a.images[self.index])
+        self.to_media = [self.transport.outbox(address) for address in a.media]
+        self.to_detokenizers = [self.transport.outbox(address) for address in a.detokenizers]
+        self.to_scheduler = self.transport.outbox(a.scheduler)
+        self.to_gateway = self.transport.outbox(a.gateway)
+        self.fetching: dict[str, anyio.CancelScope] = {}  # request id -> its task, until it sends
+        self.sending: set[str] = set()  # requests whose records are on their way out
+        self.late_aborts: dict[str, AbortRequest] = {}  # aborted while sending: forward after
         return {}
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
 
-            async def spawn(req: TokenizedRequest) -> None:
-                tg.start_soon(self.process, req)
+            async def spawn(req: PendingImages) -> None:
+                scope = anyio.CancelScope()
+                self.fetching[req.request_id] = scope  # before the task starts: aborts see it
+                tg.start_soon(self.process, req, scope)
 
-            await self.serve(self.inbox, {TokenizedRequest: spawn})
+            await self.serve(self.inbox, {PendingImages: spawn, AbortRequest: self.on_abort})
 
-    async def process(self, req: TokenizedRequest) -> None:
+    async def on_abort(self, msg: AbortRequest) -> None:
+        rid = msg.request_id
+        scope = self.fetching.pop(rid, None)
+        if scope is not None:
+            scope.cancel()  # nothing was sent for it: nothing downstream to undo
+        elif rid in self.sending:
+            self.late_aborts[rid] = msg  # must follow the request on the scheduler socket
+        else:
+            await self.to_scheduler.send(msg)  # after the request, on the same socket
+
+    async def process(self, req: PendingImages, scope: anyio.CancelScope) -> None:
+        rid = req.request_id
         t0 = time.perf_counter()
-        try:
-            ready = await self.prepare(req)
-        except (RequestInvalid, MediaError, ValueError) as exc:
-            param = getattr(exc, "param", None) or "messages"
-            await self.to_gateway.send(
-                RequestError(req.request_id, ErrorInfo(str(exc), param=param))
-            )
+        error: ErrorInfo | None = None
+        prepared: Prepared | None = None
+        with scope:
+            try:
+                prepared = await self.prepare(req)
+            except (RequestInvalid, MediaError, ValueError) as exc:
+                error = ErrorInfo(str(exc), param=getattr(exc, "param", None) or "messages")
+            except Exception as exc:  # a bug costs one request, never the stage
+                self.log.exception("image stage error", request_id=rid)
+                error = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
+        if self.fetching.pop(rid, None) is None:
+            return  # aborted while fetching: the client is gone
+        if error is not None:
+            await self.to_gateway.send(RequestError(rid, error))
             return
-        except Exception as exc:  # a bug costs one request, never the stage
-            self.log.exception("image stage error", request_id=req.request_id)
-            err = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
-            await self.to_gateway.send(RequestError(req.request_id, err))
-            return
+        assert prepared is not None
         metrics.stage_latency.labels("image_preprocessor").observe(time.perf_counter() - t0)
         self.log.debug(
             "images ready",
-            request_id=req.request_id,
-            images=len(ready.images),
-            prompt_tokens=len(ready.prompt_token_ids),
+            request_id=rid,
+            images=len(prepared.request.images),
+            prompt_tokens=len(prepared.request.prompt_token_ids),
         )
-        await self.to_scheduler.send(ready)
+        self.sending.add(rid)
+        try:
+            with anyio.CancelScope(shield=True):  # all or nothing: pixels, stream, then request
+                for pixels in prepared.pixels:
+                    for media in self.to_media:
+                        await media.send(pixels)
+                detok = self.to_detokenizers[owner(rid, len(self.to_detokenizers))]
+                await detok.send(prepared.stream)
+                await self.to_scheduler.send(prepared.request)
+                late = self.late_aborts.pop(rid, None)
+                if late is not None:
+                    await self.to_scheduler.send(late)
+        finally:
+            self.sending.discard(rid)
+            self.late_aborts.pop(rid, None)
 
-    async def prepare(self, req: TokenizedRequest) -> TokenizedRequest:
-        if self.processor is None or self.image_token_id is None:
-            raise RequestInvalid("this model accepts text only: remove the image parts")
-        kwargs = {k: int(v) for k, v in req.mm_processor_kwargs.items() if k in MM_KWARGS}
-        unknown = set(req.mm_processor_kwargs) - MM_KWARGS
-        if unknown:
-            raise RequestInvalid(
-                f"unsupported mm_processor_kwargs: {sorted(unknown)}", param="mm_processor_kwargs"
-            )
+    async def prepare(self, req: PendingImages) -> Prepared:
+        processor = self.processor
+        assert processor is not None  # admission refuses images for a text-only model
+        kwargs = req.mm_processor_kwargs  # checked by admission
         images: list[Any] = [None] * len(req.image_sources)
 
         async def fetch(i: int, src: str) -> None:
@@ -94,7 +138,7 @@ class ImagePreprocessorActor(Actor):
             except MediaError as exc:
                 raise MediaError(f"image {i + 1}: {exc}") from exc
             processed = await anyio.to_thread.run_sync(
-                lambda: preprocess_image(img, self.processor, **kwargs)
+                lambda: preprocess_image(img, processor, **kwargs)
             )
             images[i] = (processed, content_hash(img))
 
@@ -106,40 +150,50 @@ class ImagePreprocessorActor(Actor):
             raise group.exceptions[0] from None
         return self._expand(req, images)
 
-    def _expand(
-        self, req: TokenizedRequest, images: list[tuple[ProcessedImage, str]]
-    ) -> TokenizedRequest:
+    def _expand(self, req: PendingImages, images: list[tuple[ProcessedImage, str]]) -> Prepared:
         """Replace each single image placeholder with one token per merged patch."""
+        image_token_id = self.facts.image_token_id
         ids: list[int] = []
-        inputs: list[ImageInput] = []
+        refs: list[ImageRef] = []
+        pixels: dict[str, ImagePixels] = {}  # one copy of each distinct image
         k = 0
         for tok in req.prompt_token_ids:
-            if tok != self.image_token_id:
+            if tok != image_token_id:
                 ids.append(tok)
                 continue
             processed, digest = images[k]
             k += 1
-            pv = np.ascontiguousarray(processed.pixel_values, dtype=np.float32)
-            inputs.append(
-                ImageInput(
+            refs.append(
+                ImageRef(
                     content_hash=digest,
                     offset=len(ids),
                     length=processed.num_tokens,
                     grid_thw=list(processed.grid_thw),
-                    pixel_values=Buffer("float32", list(pv.shape), pv.data),
                     original_size=list(processed.original_size),
                     resized_size=list(processed.resized_size),
                 )
             )
+            if digest not in pixels:
+                pv = np.ascontiguousarray(processed.pixel_values, dtype=np.float32)
+                buffer = Buffer("float32", list(pv.shape), pv.data)
+                pixels[digest] = ImagePixels(
+                    req.request_id, digest, list(processed.grid_thw), buffer
+                )
             ids.extend([tok] * processed.num_tokens)
-        req.max_tokens = resolve_max_tokens(len(ids), req.sampling.max_tokens, self.max_model_len)
-        positions, delta = mrope_positions(
-            ids, [tuple(im.grid_thw) for im in inputs], self.image_token_id, self.merge_size
+        request = EngineRequest(
+            request_id=req.request_id,
+            prompt_token_ids=ids,
+            sampling=req.sampling,
+            max_tokens=resolve_max_tokens(len(ids), req.sampling, self.facts.max_model_len),
+            eos_token_ids=req.eos_token_ids,
+            images=refs,
+            arrival_time=req.arrival_time,
         )
-        pos = np.ascontiguousarray(positions, dtype=np.int64)
-        req.prompt_token_ids = ids
-        req.images = inputs
-        req.mrope_positions = Buffer("int64", list(pos.shape), pos.data)
-        req.mrope_position_delta = int(delta)
-        req.image_sources = []
-        return req
+        sizes = [{"original_size": r.original_size, "resized_size": r.resized_size} for r in refs]
+        stream = StreamOpen(
+            req.request_id,
+            req.sampling,
+            prompt_tail_ids=ids[-PROMPT_CONTEXT:],
+            mm_info={"images": sizes},
+        )
+        return Prepared(list(pixels.values()), stream, request)

@@ -17,7 +17,6 @@ from actors.scheduling.block_pool import BlockPool
 from actors.scheduling.planner import Finished, Planner, PlannerLimits
 from actors.scheduling.request_state import RequestState
 from actors.scheduling.step_times import StepTimes
-from actors.stage import Stage
 from core.launch.addresses import owner
 from protocols.messages import (
     AbortRequest,
@@ -28,6 +27,7 @@ from protocols.messages import (
     TokenBatch,
     TokenDelta,
 )
+from protocols.stage import Stage
 
 
 class SchedulerActor(Stage):

@@ -14,11 +14,10 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import orjson
 import zmq
-
-from typing import Any
 
 from core.actor import ActorSpec
 from core.codec import CodecError, decode, encode

@@ -69,6 +69,10 @@ class Mailbox:
         frames = await self.sock.recv_multipart(copy=False)
         return decode(frames)
 
+    async def ready(self) -> bool:
+        """True when a record is waiting, so `recv` will not block."""
+        return bool(await self.sock.poll(0))
+
 
 class Outbox:
     """A PUSH socket: `await send(record)`."""

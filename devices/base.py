@@ -1,6 +1,7 @@
 """Platform interface: what the engine needs from a device backend (cpu, cuda, npu, tpu).
 
-The executor asks its Platform for the torch device, dtype, free memory and distributed backend.
+The executor's model runner asks its Platform for the torch device, dtype, free memory, the
+distributed backend, and to prepare a loaded model's weights for the device's kernels.
 """
 
 from __future__ import annotations
@@ -8,12 +9,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+from torch import nn
 
 
 class Platform(ABC):
     """One accelerator family. Subclasses live one per file; only they touch vendor modules."""
 
     name: str = ""
+    # True where device memory is the host's RAM: the KV pool is then sized to what the running
+    # batch can use, not to everything that is free (see actors/execution/kv_pool.py).
+    memory_is_host_ram: bool = False
+    adapts_threads: bool = False  # its compute threads share cores with other processes
 
     @abstractmethod
     def is_available(self) -> bool:
@@ -30,6 +36,11 @@ class Platform(ABC):
     @abstractmethod
     def memory_free_bytes(self, device: torch.device) -> int:
         """Bytes that can still be allocated on `device`; sizes the paged KV cache."""
+
+    def prepare_model(self, model: nn.Module) -> None:  # noqa: B027 - no-op by default
+        """Adapt a loaded model's weights to this device's fastest kernels, in place (idempotent).
+
+        Called once, after the weights are loaded and before the first forward."""
 
     def synchronize(self, device: torch.device) -> None:  # noqa: B027 - no-op by default
         """Wait for all queued work on `device` (no-op where execution is synchronous)."""

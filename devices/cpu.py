@@ -1,6 +1,6 @@
-"""CPU platform: float32, gloo, free memory from /proc/meminfo bounded by the cgroup limit.
-
-Used when `--device cpu` is asked for or `auto` finds no accelerator.
+"""CPU platform: bf16 where the CPU has it natively (else float32), gloo, free memory from /proc/meminfo bounded by the cgroup limit, and
+fp32 linear weights prepacked for oneDNN. Used when `--device cpu` is asked for or `auto` finds no
+accelerator.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from devices.base import Platform
+from devices.cpu_features import has_native_bf16
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -55,8 +57,45 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
+class OneDNNLinear(nn.Module):
+    """A linear layer whose weight lives in oneDNN's blocked layout (CPU, fp32).
+
+    Deliberate CPU choice: decode steps are matrix-vector or skinny products, where MKL's
+    default sgemm reads weights at about half the memory bandwidth; oneDNN's prepacked kernel is
+    1.2-2x faster there (896->9728, M=8: 2.1 vs 4.1 ms on this 2-core box) and as fast for
+    prefill-sized products.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_packed = linear.weight.detach().to_mkldnn()
+        bias = linear.bias if linear.bias is not None else torch.zeros(self.out_features)
+        self.bias_packed = bias.detach().float().to_mkldnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous().to_mkldnn()
+        out = torch._C._nn.mkldnn_linear(flat, self.weight_packed, self.bias_packed).to_dense()
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Replace every fp32 nn.Linear in `model` by a OneDNNLinear (after weights are loaded).
+
+    Idempotent: layers already packed are OneDNNLinear, not nn.Linear, and are left alone."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+            setattr(model, name, OneDNNLinear(child))
+        else:
+            pack_linears(child)
+
+
 class CpuPlatform(Platform):
     name = "cpu"
+    memory_is_host_ram = True
+    adapts_threads = True
 
     def is_available(self) -> bool:
         return True
@@ -65,7 +104,9 @@ class CpuPlatform(Platform):
         return torch.device("cpu")  # every rank shares host memory; no device index
 
     def default_dtype(self) -> torch.dtype:
-        return torch.float32  # bf16 matmuls are emulated (slow) on CPUs without AMX/avx512_bf16
+        """bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32: elsewhere
+        bf16 matrix products are emulated and far slower than fp32."""
+        return torch.bfloat16 if has_native_bf16() else torch.float32
 
     def memory_free_bytes(self, device: torch.device) -> int:
         free = _meminfo_available()
@@ -73,6 +114,9 @@ class CpuPlatform(Platform):
             free = _sysconf_available() or 0
         headroom = _cgroup_headroom()
         return min(free, headroom) if headroom is not None else free
+
+    def prepare_model(self, model: nn.Module) -> None:
+        pack_linears(model)  # faster decode products on CPU; see OneDNNLinear
 
     def distributed_backend(self) -> str:
         return "gloo"

@@ -1,7 +1,7 @@
 """Pure-torch model code: config, layers, paged attention, the Llama/Qwen2 decoder, loaders.
 
-The executor imports only the names below. They load lazily, so the tokenizer and detokenizer
-stages (which use models.tokenizer / models.detokenizer) never import torch.
+The names below are re-exported lazily, so the tokenizer and detokenizer stages (which use
+models.tokenizer / models.detokenizer) never import torch.
 """
 
 from __future__ import annotations

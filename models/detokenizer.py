@@ -8,8 +8,9 @@ from tokenizers.decoders import DecodeStream
 from models.tokenizer import TextTokenizer
 
 # Prompt tokens given to the stream as context, so the first generated token decodes with
-# the spacing it has after the prompt (e.g. sentencepiece's leading-space rule).
-_PROMPT_CONTEXT = 6
+# the spacing it has after the prompt (e.g. sentencepiece's leading-space rule). The stage that
+# opens a request's stream sends this many of the prompt's last ids (StreamOpen.prompt_tail_ids).
+PROMPT_CONTEXT = 6
 _REPLACEMENT = "\ufffd"
 
 
@@ -19,7 +20,7 @@ class IncrementalDetokenizer:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        prompt_token_ids: list[int] | None = None,
+        prompt_tail_ids: list[int] | None = None,
         skip_special_tokens: bool = True,
         stop: list[str] | None = None,
         include_stop_str_in_output: bool = False,
@@ -28,7 +29,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in (stop or []) if s]
         self.include_stop_str_in_output = include_stop_str_in_output
-        context = list(prompt_token_ids or [])[-_PROMPT_CONTEXT:]
+        context = list(prompt_tail_ids or [])[-PROMPT_CONTEXT:]
         self._ids = context  # context plus every generated id, to decode leftovers in flush()
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self._pending: list[int] = []  # ids fed since the stream last produced text
@@ -56,7 +57,7 @@ class IncrementalDetokenizer:
             return ""
         if self._pending:
             # Ids that never formed a whole character: keep whatever decodes, drop the broken tail.
-            prefix = self._ids[: len(self._ids) - len(self._pending)][-_PROMPT_CONTEXT:]
+            prefix = self._ids[: len(self._ids) - len(self._pending)][-PROMPT_CONTEXT:]
             full = self.tokenizer.decode(prefix + self._pending, self.skip_special_tokens)
             head = self.tokenizer.decode(prefix, self.skip_special_tokens)
             tail = full[len(head) :] if full.startswith(head) else ""
@@ -65,10 +66,6 @@ class IncrementalDetokenizer:
         out = self.text[self._emitted :]
         self._emitted = len(self.text)
         return out
-
-    def token_text(self, token_id: int) -> str:
-        """One token decoded alone, for logprob display."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _release(self) -> tuple[str, str | None]:
         start = self._emitted

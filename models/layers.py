@@ -104,36 +104,3 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
-
-
-class OneDNNLinear(nn.Module):
-    """A linear layer whose weight lives in oneDNN's blocked layout (CPU, fp32).
-
-    Deliberate CPU choice: decode steps are matrix-vector or skinny products, where MKL's
-    default sgemm reads weights at about half the memory bandwidth; oneDNN's prepacked kernel is
-    1.2-2x faster there (896->9728, M=8: 2.1 vs 4.1 ms on this 2-core box) and as fast for
-    prefill-sized products.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_packed = linear.weight.detach().to_mkldnn()
-        bias = linear.bias if linear.bias is not None else torch.zeros(self.out_features)
-        self.bias_packed = bias.detach().float().to_mkldnn()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous().to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(flat, self.weight_packed, self.bias_packed).to_dense()
-        return out.view(*x.shape[:-1], self.out_features)
-
-
-def pack_linears_for_cpu(model: nn.Module) -> None:
-    """Replace every fp32 nn.Linear in `model` by a OneDNNLinear (after weights are loaded)."""
-    if not torch.backends.mkldnn.is_available():
-        return
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
-            setattr(model, name, OneDNNLinear(child))
-        else:
-            pack_linears_for_cpu(child)

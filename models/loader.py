@@ -1,5 +1,5 @@
 """load_model: builds a Decoder or Qwen2_5_VLModel from an HF folder (safetensors) or a .gguf.
-The executor calls it once at start-up, before it allocates the KV cache."""
+The executor's model runner calls it once at start-up, before it sizes and allocates the KV cache."""
 
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
-from models.layers import pack_linears_for_cpu
-from models.qwen2_5_vl import Qwen2_5_VLModel
-
-# Architecture -> model class; text-only families are the plain Decoder.
-MODEL_CLASSES: dict[str, type[Decoder]] = {"qwen2_5_vl": Qwen2_5_VLModel}
+from models.gguf_loader import load_gguf_model
+from models.weights import build_empty, finish_loading
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -50,39 +47,12 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Decoder:
-    """Constructs the module tree without initialising weights (they are loaded right after)."""
-    with torch.device("meta"):
-        model = MODEL_CLASSES.get(config.architecture, Decoder)(config)
-    model = model.to(dtype).to_empty(device=device)  # cast while on meta: no double allocation
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.reset_parameters()  # inv_freq stays fp32 whatever the weight dtype
-    if isinstance(model, Qwen2_5_VLModel):
-        model.visual.reset_parameters()
-    return model.eval().requires_grad_(False)
-
-
-def finish_loading(model: Decoder, loaded: set[str], source: str) -> Decoder:
-    expected = {n for n, _ in model.named_parameters()}
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"{source}: weights missing from checkpoint: {missing[:8]}")
-    return model
-
-
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
-    """Loads an HF folder or a .gguf file onto `device` in `dtype`."""
+    """Loads an HF folder or a .gguf file onto `device` in `dtype`, weights as checkpointed (the
+    device's Platform.prepare_model adapts them to its kernels afterwards)."""
     if str(path).endswith(".gguf"):
-        from models.gguf_loader import load_gguf_model
-
-        model = load_gguf_model(path, device, dtype)
-    else:
-        folder = Path(path)
-        config = load_hf_config(folder)
-        model = build_empty(config, device, dtype)
-        loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
-        model = finish_loading(model, loaded, str(folder))
-    if device.type == "cpu":
-        pack_linears_for_cpu(model)  # faster decode products on CPU; see OneDNNLinear
-    return model
+        return load_gguf_model(path, device, dtype)
+    folder = Path(path)
+    model = build_empty(load_hf_config(folder), device, dtype)
+    loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
+    return finish_loading(model, loaded, str(folder))

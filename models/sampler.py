@@ -1,17 +1,55 @@
 """Batched token sampler: min-tokens bans, penalties, temperature, min-p, top-k/top-p, seeded draws.
 
-Runs in the executor on the device, once per step, on the final-position logits of every sequence.
+Runs in the executor's model runner on the device, once per step, on the final-position logits of
+every sequence that samples.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Protocol
 
 import torch
 
 SAMPLING_EPS = 1e-5  # a temperature below this means greedy (vLLM's convention)
 TOP_P_CANDIDATES = 1024  # top-p looks among this many best tokens before sorting them all
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one request (one logits row); the runner's request state is one.
+
+    Disabled values follow vLLM: top_k <= 0, top_p 1.0, min_p 0.0, penalties 0.0 / 1.0, logprobs
+    None. `min_tokens_stop_ids` (eos + stop ids) are banned while the output is shorter than
+    `min_tokens`. `generator` (on the sampling device) makes the row's draws reproducible."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def min_tokens(self) -> int: ...
+    @property
+    def logprobs(self) -> int | None: ...
+    @property
+    def min_tokens_stop_ids(self) -> Sequence[int]: ...
+    @property
+    def prompt_token_ids(self) -> Sequence[int]: ...
+    @property
+    def output_token_ids(self) -> Sequence[int]: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
 
 
 @dataclass
@@ -42,36 +80,23 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls,
-        *,
-        temperatures: list[float],
-        top_ps: list[float],
-        top_ks: list[int],
-        min_ps: list[float],
-        presence_penalties: list[float],
-        frequency_penalties: list[float],
-        repetition_penalties: list[float],
-        min_tokens: list[int],
-        stop_ids_for_min_tokens: list[list[int]],
-        prompt_token_ids: list[list[int]],
-        output_token_ids: list[list[int]],
-        generators: list[torch.Generator | None],
-        max_logprobs: int,
-        vocab_size: int,
-        device: torch.device,
+        cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
     ) -> SamplingBatch:
-        """Turn per-request lists (one entry per logits row) into device tensors.
-
-        `stop_ids_for_min_tokens[i]` (eos + stop_token_ids) is banned while
-        `len(output_token_ids[i]) < min_tokens[i]`. A row's `torch.Generator` must live on
-        `device`; it is advanced only when that row samples randomly.
-        """
-        n = len(temperatures)
-        columns = (top_ps, top_ks, min_ps, presence_penalties, frequency_penalties)
-        columns += (repetition_penalties, min_tokens, stop_ids_for_min_tokens)
-        columns += (prompt_token_ids, output_token_ids, generators)
-        if any(len(column) != n for column in columns):
-            raise ValueError("every per-request list must have one entry per batch row")
+        """Turn per-request settings (row i of `rows` samples row i of the logits) into device
+        tensors. A row's generator is advanced only when that row samples randomly."""
+        n = len(rows)
+        temperatures = [r.temperature for r in rows]
+        top_ps = [r.top_p for r in rows]
+        top_ks = [r.top_k for r in rows]
+        min_ps = [r.min_p for r in rows]
+        presence_penalties = [r.presence_penalty for r in rows]
+        frequency_penalties = [r.frequency_penalty for r in rows]
+        repetition_penalties = [r.repetition_penalty for r in rows]
+        prompt_token_ids = [r.prompt_token_ids for r in rows]
+        output_token_ids = [r.output_token_ids for r in rows]
+        generators = [r.generator for r in rows]
+        asked = [r.logprobs for r in rows if r.logprobs is not None]
+        max_logprobs = max(asked) if asked else -1
 
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
@@ -126,9 +151,9 @@ class SamplingBatch:
 
         ban_rows: list[int] = []
         ban_ids: list[int] = []
-        for i in range(n):
-            if len(output_token_ids[i]) < min_tokens[i]:
-                ids_in_vocab = [t for t in stop_ids_for_min_tokens[i] if 0 <= t < vocab_size]
+        for i, r in enumerate(rows):
+            if len(output_token_ids[i]) < r.min_tokens:
+                ids_in_vocab = [t for t in r.min_tokens_stop_ids if 0 <= t < vocab_size]
                 ban_rows += [i] * len(ids_in_vocab)
                 ban_ids += ids_in_vocab
         if ban_ids:
@@ -145,7 +170,7 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, max_logprobs] float
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """[B, longest] long tensor of `rows`, right-padded with `pad`, from one host tensor."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     width = int(lengths.max()) if len(rows) else 0
@@ -274,6 +299,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if logits.shape[-1] != batch.vocab_size:
         raise ValueError(
             f"logits have {logits.shape[-1]} columns, batch expects {batch.vocab_size}"
+        )
+    if logits.shape[0] != batch.temperatures.shape[0]:
+        raise ValueError(
+            f"logits have {logits.shape[0]} rows, batch has {batch.temperatures.shape[0]}"
         )
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
 

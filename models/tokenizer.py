@@ -74,50 +74,29 @@ class TextTokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
+        """Render `messages` (checked by actors.admission.parse_messages) as prompt text."""
         if not self.chat_template:
             raise ValueError(
                 "this checkpoint has no chat template; send a plain prompt (completions) instead"
             )
-        _validate_messages(messages)
         context = {**self.special_tokens, **kwargs}
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **context)
 
 
 def flatten_text_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `messages` whose list-of-parts content is joined into one string (text models)."""
+    """Copies of `messages` whose list-of-parts content is joined into one string, for templates
+    of text-only models. Takes text parts only (actors.admission.parse_messages checks parts)."""
     flat = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != _TEXT_PART:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise ValueError(
-                        f"this model takes text only, got a content part of type {kind!r}"
-                    )
-                texts.append(str(part.get("text", "")))
-            message = {**message, "content": "\n".join(texts)}
+            kinds = {part.get("type") for part in content} - {_TEXT_PART}
+            if kinds:
+                raise ValueError(f"only text parts can be joined, got type {kinds.pop()!r}")
+            text = "\n".join(part["text"] for part in content)
+            message = {**message, "content": text}
         flat.append(message)
     return flat
-
-
-def _validate_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{n}] must be an object, got {type(message).__name__}")
-        if not isinstance(message.get("role"), str):
-            raise ValueError(f"messages[{n}] has no string 'role'")
-        content = message.get("content")
-        if content is None or isinstance(content, str):
-            continue
-        if not isinstance(content, list):
-            raise ValueError(f"messages[{n}].content must be a string or a list of parts")
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise ValueError(f"messages[{n}].content[{k}] must be an object with a 'type'")
 
 
 # ---- HF checkpoint folder ------------------------------------------------------------------

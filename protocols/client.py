@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -46,8 +46,8 @@ class AsyncEngineClient:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
-        self.queues: dict[str, asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+        self.queues: dict[str, asyncio.Queue[Any]] = {}  # request id -> its outputs or reply
+        self._reader: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
 
     def _ensure_reader(self) -> None:
@@ -75,11 +75,11 @@ class AsyncEngineClient:
         async with self._send_lock:
             await self.sock.send_multipart(encode(record), copy=False)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[RequestOutput, None]:
         """Yield output increments; the last one has `finish_reason`. Closing early aborts."""
         self._ensure_reader()
         rid = request.request_id
-        q: asyncio.Queue = asyncio.Queue()
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.queues[rid] = q
         finished = False
         try:
@@ -96,13 +96,16 @@ class AsyncEngineClient:
                 await asyncio.shield(self._send(AbortRequest(rid)))
 
     async def abort(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
+        """Abort a request from outside its stream; the stream ends with finish_reason "abort"."""
+        q = self.queues.pop(request_id, None)
         await self._send(AbortRequest(request_id))
+        if q is not None:
+            q.put_nowait(RequestOutput(request_id, finish_reason="abort"))
 
     async def health(self, timeout: float = 5.0) -> HealthReply:
         self._ensure_reader()
         rid = "health-" + uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
+        q: asyncio.Queue[HealthReply] = asyncio.Queue()
         self.queues[rid] = q
         try:
             await self._send(HealthRequest(rid))
@@ -140,6 +143,7 @@ class AsyncEngineClient:
                 out.completion_tokens,
             )
             merged.cached_tokens = out.cached_tokens
+            merged.mm_info = merged.mm_info or out.mm_info
         return merged
 
     def close(self) -> None:
@@ -162,7 +166,7 @@ class EngineClient:
         return AsyncEngineClient(address)
 
     def _call(self, coro: Any) -> Any:
-        fut: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
         return fut.result()
 
     def wait_ready(self, timeout: float = 300.0) -> HealthReply:
@@ -177,7 +181,7 @@ class EngineClient:
     def complete_many(self, requests: list[GenerateRequest]) -> list[RequestOutput | EngineError]:
         """Submit all at once (they batch together in the engine); results in order."""
 
-        async def run() -> list:
+        async def run() -> list[RequestOutput | BaseException]:
             return await asyncio.gather(
                 *(self._client.complete(r) for r in requests), return_exceptions=True
             )
@@ -216,7 +220,7 @@ class EngineClient:
 def new_request(
     prompt: str | None = None,
     *,
-    messages: list[dict] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     prompt_token_ids: list[int] | None = None,
     **sampling: Any,
 ) -> GenerateRequest:

@@ -186,6 +186,7 @@ class PendingImages(Record):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     image_sources: list[str]
+    eos_token_ids: list[int] = field(default_factory=list)
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     arrival_time: float = 0.0
 

@@ -15,10 +15,16 @@ import tempfile
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
-from protocols.client import EngineClient, EngineError
-from protocols.messages import GenerateRequest, RequestOutput, SamplingParams
+from protocols.client import EngineClient
+from protocols.messages import (
+    EngineFacts,
+    GenerateRequest,
+    HealthReply,
+    RequestOutput,
+    SamplingParams,
+)
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput"]
 
@@ -46,12 +52,14 @@ class LLM:
         self.proc = subprocess.Popen(cmd, env=env)
         self.client = EngineClient(f"ipc://{self.run_dir}/front.sock")
         try:
-            self.info = self._wait_ready(ready_timeout).info
+            facts = self._wait_ready(ready_timeout).facts
+            assert facts is not None  # a ready engine reports its facts
+            self.facts: EngineFacts = facts
         except BaseException:
             self.shutdown()
             raise
 
-    def _wait_ready(self, timeout: float):
+    def _wait_ready(self, timeout: float) -> HealthReply:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -64,42 +72,45 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]],
+        prompts: str | list[int] | list[str] | list[list[int]],
         sampling_params: SamplingParams | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids), batched together; outputs in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            batch = [cast("str | list[int]", prompts)]
+        else:
+            batch = cast("list[str | list[int]]", prompts)
         sp = sampling_params or SamplingParams()
         reqs = []
-        for p in prompts:
-            kw = {"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)}
-            reqs.append(GenerateRequest(request_id=uuid.uuid4().hex, sampling=replace(sp), **kw))
+        for p in batch:
+            rid = uuid.uuid4().hex
+            if isinstance(p, str):
+                reqs.append(GenerateRequest(rid, replace(sp), prompt=p))
+            else:
+                reqs.append(GenerateRequest(rid, replace(sp), prompt_token_ids=list(p)))
         return self._run(reqs)
 
     def chat(
         self,
-        conversations: list[dict] | list[list[dict]],
+        conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
     ) -> list[RequestOutput]:
         """Chat with the model's template; one conversation or a list of them."""
         if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+            batch = [cast("list[dict[str, Any]]", conversations)]
+        else:
+            batch = cast("list[list[dict[str, Any]]]", conversations)
         sp = sampling_params or SamplingParams()
-        reqs = [
-            GenerateRequest(request_id=uuid.uuid4().hex, sampling=replace(sp), messages=c)
-            for c in conversations
-        ]  # type: ignore[misc]
+        reqs = [GenerateRequest(uuid.uuid4().hex, replace(sp), messages=c) for c in batch]
         return self._run(reqs)
 
     def _run(self, reqs: list[GenerateRequest]) -> list[RequestOutput]:
-        results = self.client.complete_many(reqs)
-        for r in results:
-            if isinstance(r, EngineError):
-                raise r
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
+        outputs: list[RequestOutput] = []
+        for result in self.client.complete_many(reqs):
+            if isinstance(result, BaseException):  # EngineError: refused or failed
+                raise result
+            outputs.append(result)
+        return outputs
 
     def shutdown(self) -> None:
         if getattr(self, "client", None) is not None:

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import EngineConfig
-from protocols.messages import ErrorInfo, GenerateRequest, RequestOutput
+from protocols.messages import EngineFacts, ErrorInfo, GenerateRequest, RequestOutput
 from protocols.openai import convert
 from protocols.openai.convert import Collected, OpenAIError, error_body
 from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -107,7 +107,7 @@ async def _collect(
 def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
     """The OpenAI-compatible app over one engine client; `config` gives names and the API key."""
     served = config.model_names
-    engine_info: dict[str, Any] = {}
+    engine: EngineFacts | None = None  # the engine's facts, once a health check returned them
     try:
         tessera_version = version("tessera")
     except PackageNotFoundError:
@@ -153,15 +153,14 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
             )
         )
 
-    async def refresh_info() -> dict[str, Any]:
-        if not engine_info:
+    async def engine_facts() -> EngineFacts | None:
+        nonlocal engine
+        if engine is None:
             try:
-                reply = await client.health(timeout=HEALTH_TIMEOUT_S)
-                if reply.ready:
-                    engine_info.update(reply.info)
+                engine = (await client.health(timeout=HEALTH_TIMEOUT_S)).facts
             except Exception:
                 pass
-        return engine_info
+        return engine
 
     async def generate(
         gen: GenerateRequest,
@@ -223,31 +222,32 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
         )
         return await generate(gen, request, renderer, body.stream, convert.completion_response)
 
-    def model_card(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    def model_card(name: str, facts: EngineFacts | None) -> dict[str, Any]:
         return {
             "id": name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "tessera",
-            "root": info.get("model", config.model or name),
+            "root": config.model or name,
             "parent": None,
-            "max_model_len": info.get("max_model_len", config.max_model_len),
+            "max_model_len": facts.max_model_len if facts else config.max_model_len,
         }
 
     @v1.get("/models")
     async def list_models() -> Response:
-        info = await refresh_info()
-        return json_response({"object": "list", "data": [model_card(n, info) for n in served]})
+        facts = await engine_facts()
+        return json_response({"object": "list", "data": [model_card(n, facts) for n in served]})
 
     @v1.get("/models/{name:path}")
     async def retrieve_model(name: str) -> Response:
         convert.resolve_model(name, served)
-        return json_response(model_card(name, await refresh_info()))
+        return json_response(model_card(name, await engine_facts()))
 
     app.include_router(v1)
 
     @app.get("/health")
     async def health() -> Response:
+        nonlocal engine
         try:
             reply = await client.health(timeout=HEALTH_TIMEOUT_S)
         except Exception as exc:
@@ -258,7 +258,7 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
             return error_response(
                 ErrorInfo("engine not ready", "ServiceUnavailableError", None, 503)
             )
-        engine_info.update(reply.info)
+        engine = reply.facts or engine
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -1,6 +1,7 @@
 """Conversion between OpenAI bodies and Tessera's wire records, both ways.
 
-Request path: schemas -> `chat_request`/`completion_request` -> GenerateRequest for the engine;
+Request path: schemas -> `chat_request`/`completion_request` -> GenerateRequest for the engine
+(refusing only what Tessera does not implement; the engine checks values, actors/admission.py);
 back path: RequestOutput increments -> response dicts and SSE chunk dicts for the HTTP client.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from protocols.messages import (
     ErrorInfo,
@@ -62,16 +63,10 @@ def resolve_model(requested: str | None, served: list[str]) -> str:
 
 
 def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The OpenAI sampling fields as SamplingParams; their values are checked by the engine."""
     if req.n not in (None, 1):
         raise OpenAIError("n must be 1: one choice per request is supported", param="n")
-    if max_tokens is not None and req.min_tokens > max_tokens:
-        raise OpenAIError(
-            f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})",
-            param="min_tokens",
-        )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(t < 0 for t in req.stop_token_ids or []):
-        raise OpenAIError("stop_token_ids must be non-negative", param="stop_token_ids")
     d = SamplingParams()
     return SamplingParams(
         max_tokens=max_tokens,
@@ -96,15 +91,14 @@ def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None)
 
 
 def chat_request(req: ChatCompletionRequest, request_id: str) -> GenerateRequest:
-    for i, message in enumerate(req.messages):
-        if not isinstance(message.get("role"), str):
-            raise OpenAIError(f"messages[{i}] needs a string 'role'", param=f"messages.{i}.role")
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(
             "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs"
         )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    max_tokens = req.max_completion_tokens or req.max_tokens
+    max_tokens = req.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = req.max_tokens
     return GenerateRequest(
         request_id=request_id,
         sampling=_sampling(req, max_tokens, logprobs),
@@ -123,30 +117,18 @@ def completion_request(req: CompletionRequest, request_id: str) -> GenerateReque
         raise OpenAIError("suffix is not supported", param="suffix")
     if req.best_of not in (None, 1):
         raise OpenAIError("best_of must be 1", param="best_of")
-    prompt: str | None = None
-    token_ids: list[int] | None = None
-    p = req.prompt
-    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) != 1:
+    prompt: str | list[int] | list[str] | list[list[int]] = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
             raise OpenAIError(
                 "batched prompts are not supported: send one prompt per request", param="prompt"
             )
-        p = p[0]
-    if isinstance(p, str):
-        prompt = p
-    else:
-        token_ids = [int(t) for t in p]
-        if any(t < 0 for t in token_ids):
-            raise OpenAIError("prompt token ids must be non-negative", param="prompt")
-    if not prompt and not token_ids:
-        raise OpenAIError("prompt cannot be empty", param="prompt")
-    return GenerateRequest(
-        request_id=request_id,
-        sampling=_sampling(req, req.max_tokens, req.logprobs),
-        prompt=prompt,
-        prompt_token_ids=token_ids,
-        arrival_time=time.time(),
-    )
+        prompt = cast("str | list[int]", prompt[0])
+    sampling = _sampling(req, req.max_tokens, req.logprobs)
+    if isinstance(prompt, str):
+        return GenerateRequest(request_id, sampling, prompt=prompt, arrival_time=time.time())
+    ids = [int(t) for t in cast("list[int]", prompt)]
+    return GenerateRequest(request_id, sampling, prompt_token_ids=ids, arrival_time=time.time())
 
 
 # ---------------------------------------------------------------- outputs

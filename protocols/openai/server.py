@@ -16,9 +16,9 @@ from typing import Any
 import anyio
 import uvicorn
 
-from core.actor import Actor
 from protocols.client import AsyncEngineClient
 from protocols.openai.app import build_app
+from protocols.stage import Stage
 
 STOP_GRACE_S = 3.0
 
@@ -42,7 +42,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class OpenAIServerActor(Actor):
+class OpenAIServerActor(Stage):
     """Serves /v1/chat/completions, /v1/completions, /v1/models, /health and /version."""
 
     async def setup(self) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""The executor's encoder-output cache: one encode per image content hash, LRU within a byte cap."""
+"""The model runner's encoder-output cache: one encode per image content hash, LRU within a byte cap."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.executor import EncoderCache
+from actors.execution.encoder_cache import EncoderCache
 
 
 def test_an_image_is_encoded_once_and_evicted_least_recently_used_first() -> None:

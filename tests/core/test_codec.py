@@ -10,8 +10,8 @@ import pytest
 
 from core.codec import Buffer, CodecError, decode, encode
 from protocols.messages import (
-    GenerateRequest,
     EngineFacts,
+    GenerateRequest,
     HealthReply,
     ImagePixels,
     PositionLogprobs,

@@ -15,6 +15,7 @@ import devices
 from devices import get_platform
 from devices.base import Platform
 from devices.cpu import CpuPlatform
+from devices.cpu_features import has_native_bf16
 from devices.cuda import CudaPlatform
 from devices.npu import NpuPlatform
 from devices.tpu import TpuPlatform
@@ -39,12 +40,20 @@ def test_auto_resolves_to_cpu_without_accelerators() -> None:
 def test_cpu_platform_basics() -> None:
     platform = get_platform("cpu")
     assert platform.is_available()
-    assert platform.default_dtype() == torch.float32
+    native = has_native_bf16()
+    assert platform.default_dtype() == (torch.bfloat16 if native else torch.float32)
     assert platform.torch_device() == torch.device("cpu")
     assert platform.torch_device(3) == torch.device("cpu")
     assert platform.distributed_backend() == "gloo"
     platform.synchronize(platform.torch_device())
     platform.empty_cache()
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    assert has_native_bf16(frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert has_native_bf16(frozenset({"avx512f", "amx_bf16", "amx_tile"}))
+    assert not has_native_bf16(frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
+    assert not has_native_bf16(frozenset())
 
 
 def test_cpu_memory_free_bytes_is_positive() -> None:

@@ -61,6 +61,8 @@ class EngineProcess:
             "warning",
             *self.args,
         ]
+        if "--dtype" not in self.args:  # parity with transformers is checked in fp32
+            cmd += ["--dtype", "float32"]
         if self.model:  # "" serves the embedded default model
             cmd += ["--model", self.model]
         if not self.http:

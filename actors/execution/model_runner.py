@@ -1,0 +1,280 @@
+"""ModelRunner: the model, its paged KV cache and every request's executor-side state, with no I/O.
+The executor stage hands it each StepPlan (and image pixels); it runs the forward and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from actors.execution.encoder_cache import EncoderCache
+from actors.execution.kv_pool import KVLimits, KVPool, size_kv_pool
+from actors.execution.pixel_store import PixelStore
+from actors.execution.sequence import SequenceState
+from devices.base import Platform
+from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
+from models.decoder import Decoder
+from models.loader import load_model
+from models.mrope import mrope_positions
+from models.qwen2_5_vl import Qwen2_5_VLModel
+from models.sampler import SamplingBatch, sample
+from protocols.messages import (
+    EngineFacts,
+    EngineRequest,
+    ImagePixels,
+    ImageRef,
+    PositionLogprobs,
+    SampledToken,
+    StepPlan,
+    TokenLogprob,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelRunner:
+    """Runs step plans on one device (one tensor-parallel rank).
+
+    A request's state is made from the EngineRequest of the first plan that runs it and dropped
+    when a plan lists it in finished_ids; a preemption leaves it alone, so a recompute reads the
+    same prompt and output tokens. Pixels arrive separately (`add_pixels`), are held by the
+    requests that sent them and dropped with them.
+    """
+
+    def __init__(self, model: Decoder, platform: Platform, pool: KVPool) -> None:
+        """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool."""
+        platform.prepare_model(model)  # CPU: fp32 linears packed for oneDNN
+        self.model = model
+        self.pool = pool
+        weight = model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.kv = allocate_kv_cache(
+            model.config, pool.num_blocks, pool.block_size, self.device, self.dtype
+        )
+        self.uses_mrope = model.config.mrope_section is not None
+        self.requests: dict[str, SequenceState] = {}
+        self.pixels = PixelStore()
+        self.encoder_cache = EncoderCache()
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str,
+        platform: Platform,
+        *,
+        rank: int = 0,
+        dtype: str = "auto",
+        block_size: int = 16,
+        limits: KVLimits | None = None,
+    ) -> ModelRunner:
+        """Loads the checkpoint onto `platform`'s device for `rank` and sizes the KV pool in what
+        memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default."""
+        device = platform.torch_device(rank)
+        torch_dtype = DTYPES[dtype] if dtype in DTYPES else platform.default_dtype()
+        model = load_model(model_path, device, torch_dtype)
+        config = model.config
+        pool = size_kv_pool(
+            limits or KVLimits(),
+            bytes_per_block=kv_cache_bytes_per_block(config, block_size, torch_dtype),
+            block_size=block_size,
+            max_position_embeddings=config.max_position_embeddings,
+            free_bytes=platform.memory_free_bytes(device),
+            host_ram=platform.memory_is_host_ram,
+        )
+        return cls(model, platform, pool)
+
+    @property
+    def facts(self) -> EngineFacts:
+        c = self.model.config
+        return EngineFacts(
+            max_model_len=self.pool.max_model_len,
+            num_blocks=self.pool.num_blocks,
+            block_size=self.pool.block_size,
+            vocab_size=c.vocab_size,
+            eos_token_ids=list(c.eos_token_ids),
+            architecture=c.architecture,
+            dtype=str(self.dtype).removeprefix("torch."),
+            image_token_id=c.image_token_id if self.uses_mrope else None,
+            spatial_merge_size=c.spatial_merge_size or 2,
+        )
+
+    # ------------------------------------------------------------------ pixels and requests
+
+    def add_pixels(self, msg: ImagePixels) -> None:
+        self.pixels.add(msg)
+
+    def missing_pixels(self, plan: StepPlan) -> set[str]:
+        """Content hashes of images whose pixels a request new in `plan` has not yet sent."""
+        finished = set(plan.finished_ids)
+        return {
+            im.content_hash
+            for req in plan.new_requests
+            if req.request_id not in finished
+            for im in req.images
+            if not self.pixels.holds(req.request_id, im.content_hash)
+        }
+
+    def release(self, request_id: str) -> None:
+        """Forget a request that ended (finished, aborted, failed) and release its pixels."""
+        self.requests.pop(request_id, None)
+        self.pixels.release(request_id)
+
+    def _admit(self, req: EngineRequest) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id} is already running on this executor")
+        seed = req.sampling.seed
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        state = SequenceState(req, generator)
+        c = self.model.config
+        if self.uses_mrope:
+            assert c.image_token_id is not None and c.spatial_merge_size is not None
+            grids = [(im.grid_thw[0], im.grid_thw[1], im.grid_thw[2]) for im in req.images]
+            positions, delta = mrope_positions(
+                req.prompt_token_ids, grids, c.image_token_id, c.spatial_merge_size
+            )
+            state.mrope_positions, state.mrope_delta = torch.from_numpy(positions), delta
+        elif req.images:
+            raise ValueError(f"request {req.request_id} has images; {c.architecture} takes none")
+        self.requests[req.request_id] = state
+
+    # ------------------------------------------------------------------ one step
+
+    def execute(self, plan: StepPlan) -> list[SampledToken]:
+        """Apply the plan's finished and new requests, run its sequences, sample where asked.
+
+        Each sampled token is appended to its request's output; it is returned in plan order."""
+        return self.execute_with_hidden(plan)[0]
+
+    @torch.inference_mode()
+    def execute_with_hidden(self, plan: StepPlan) -> tuple[list[SampledToken], torch.Tensor | None]:
+        """`execute`, also returning the final hidden states [T, H] of every token the plan ran,
+        in plan order (None when it ran none): for tests and diagnostics that need the logits
+        of prompt positions (`runner.model.compute_logits(rows)`)."""
+        for request_id in plan.finished_ids:
+            self.release(request_id)
+        finished = set(plan.finished_ids)
+        for req in plan.new_requests:
+            if req.request_id not in finished:
+                self._admit(req)
+        seqs = plan.sequences
+        if not seqs:
+            return [], None
+        states: list[SequenceState] = []
+        ids: list[int] = []
+        for s in seqs:
+            state = self.requests.get(s.request_id)
+            if state is None:
+                raise ValueError(f"plan runs request {s.request_id}, unknown to this executor")
+            end = s.start_pos + s.num_tokens
+            if s.sample and end != state.num_tokens:
+                raise ValueError(
+                    f"request {s.request_id}: sampling after position {end}, "
+                    f"but its last token is at {state.num_tokens}"
+                )
+            if end > len(s.block_table) * self.pool.block_size:
+                raise ValueError(f"request {s.request_id}: block table too short for {end}")
+            ids.extend(state.token_ids(s.start_pos, end))
+            states.append(state)
+        dev = self.device
+        meta = AttentionMetadata.build(
+            [s.num_tokens for s in seqs],
+            [s.start_pos for s in seqs],
+            [s.block_table for s in seqs],
+            self.pool.block_size,
+            dev,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        hidden = self.model(
+            input_ids,
+            self._positions(plan, states),
+            meta,
+            self.kv,
+            inputs_embeds=self._embeds_with_images(plan, states, input_ids),
+        )
+        return self._sample(plan, states, hidden), hidden
+
+    def _sample(
+        self, plan: StepPlan, states: list[SequenceState], hidden: torch.Tensor
+    ) -> list[SampledToken]:
+        rows: list[int] = []
+        sampling: list[SequenceState] = []
+        end = 0
+        for s, state in zip(plan.sequences, states, strict=True):
+            end += s.num_tokens
+            if s.sample:
+                rows.append(end - 1)
+                sampling.append(state)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        out = sample(logits, SamplingBatch.build(sampling, logits.shape[-1], self.device))
+        token_ids = out.token_ids.tolist()
+        lp = out.logprobs.tolist() if out.logprobs is not None else None
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        result = []
+        for i, state in enumerate(sampling):
+            state.output_token_ids.append(token_ids[i])
+            k = state.logprobs
+            logprobs = None
+            if k is not None and lp is not None:
+                top = []
+                if top_ids is not None and top_lps is not None:
+                    top = [TokenLogprob(t, v) for t, v in zip(top_ids[i][:k], top_lps[i][:k])]
+                logprobs = PositionLogprobs(TokenLogprob(token_ids[i], lp[i]), top)
+            result.append(SampledToken(state.request_id, token_ids[i], logprobs))
+        return result
+
+    def _positions(self, plan: StepPlan, states: list[SequenceState]) -> torch.Tensor:
+        """Rotary positions: [T] for text models; [3, T] (M-RoPE) for VL models, the prompt's
+        from its image grids and a generated token's at index + delta on all three axes."""
+        parts = []
+        for s, state in zip(plan.sequences, states, strict=True):
+            start, end = s.start_pos, s.start_pos + s.num_tokens
+            pos = state.mrope_positions
+            if pos is None:
+                parts.append(torch.arange(start, end))
+                continue
+            n = pos.shape[1]
+            head = pos[:, min(start, n) : min(end, n)]
+            tail = torch.arange(max(start, n), max(end, n)).expand(3, -1) + state.mrope_delta
+            parts.append(torch.cat([head, tail], dim=1))
+        return torch.cat(parts, dim=-1).to(self.device)
+
+    def _embeds_with_images(
+        self, plan: StepPlan, states: list[SequenceState], input_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Token embeddings with image rows replaced by vision-encoder outputs, or None. The
+        images this step needs and the encoder cache lacks are encoded in one batched pass."""
+        spans: list[tuple[int, int, int, ImageRef]] = []  # (row, lo, hi, image)
+        row = 0
+        for s, state in zip(plan.sequences, states, strict=True):
+            start, end = s.start_pos, s.start_pos + s.num_tokens
+            for im in state.request.images:
+                lo, hi = max(start, im.offset), min(end, im.offset + im.length)
+                if lo < hi:
+                    spans.append((row + lo - start, lo, hi, im))
+            row += end - start
+        if not spans:
+            return None
+        refs = {im.content_hash: im for _, _, _, im in spans}
+        outputs = self.encoder_cache.get_many(
+            list(refs), lambda keys: self._encode([refs[k] for k in keys])
+        )
+        embeds = self.model.embed(input_ids)
+        for at, lo, hi, im in spans:
+            out = outputs[im.content_hash]
+            embeds[at : at + hi - lo] = out[lo - im.offset : hi - im.offset]
+        return embeds
+
+    def _encode(self, images: list[ImageRef]) -> list[torch.Tensor]:
+        if not isinstance(self.model, Qwen2_5_VLModel):
+            raise ValueError(f"{self.model.config.architecture} has no vision encoder")
+        batch = [
+            (
+                self.pixels.get(im.content_hash).to(self.device, self.dtype),
+                (im.grid_thw[0], im.grid_thw[1], im.grid_thw[2]),
+            )
+            for im in images
+        ]
+        return self.model.encode_images(batch)
