@@ -67,7 +67,7 @@ def content_hash(image: Image.Image) -> str:
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> upright RGB image; the pixel count is checked from the header before decoding."""
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        image: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
         raise MediaError(f"image has too many pixels: {e}") from e
     except Exception as e:  # pillow raises many types for garbage input
@@ -175,7 +175,9 @@ async def _vetted_addresses(host: str, port: int, policy: MediaPolicy) -> list[I
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         raise MediaError(f"cannot resolve image host {host!r}: {e}") from e
-    addresses = list(dict.fromkeys(ipaddress.ip_address(i[4][0].split("%", 1)[0]) for i in infos))
+    addresses = list(
+        dict.fromkeys(ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos)
+    )
     if not addresses:
         raise MediaError(f"cannot resolve image host {host!r}")
     for ip in addresses:

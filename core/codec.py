@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -60,7 +61,7 @@ def encode(record: Any) -> list[bytes | memoryview]:
     return [header, *frames]
 
 
-def decode(frames: list[bytes | memoryview | Any]) -> Any:
+def decode(frames: Sequence[bytes | memoryview | Any]) -> Any:
     """[header, *buffers] -> record. Unknown kinds and malformed headers raise CodecError."""
     try:
         header = orjson.loads(bytes(frames[0]))
@@ -102,7 +103,7 @@ def _from_plain(tp: Any, value: Any, buffers: list) -> Any:
         return None
     if tp is Buffer:
         return Buffer(value["dtype"], value["shape"], buffers[value["__frame__"]])
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"{tp.__name__} expects an object")
         hints = _hints(tp)

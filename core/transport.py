@@ -93,7 +93,8 @@ class FrontDoor:
     async def recv(self) -> tuple[bytes, Any]:
         """The next (client id, record); raises CodecError for a bad record (client id kept)."""
         client, *frames = await self.sock.recv_multipart(copy=False)
-        return bytes(client), decode(frames)
+        # zmq.Frame has the buffer protocol, but pyzmq's stubs do not declare it.
+        return bytes(client), decode(frames)  # type: ignore[call-overload]
 
     async def send(self, client: bytes, record: Any) -> None:
         await self.sock.send_multipart([client, *encode(record)], copy=False)

@@ -101,7 +101,7 @@ class Bf16Linear(nn.Linear):
         if rows == 1:
             out = torch.mv(self.weight, flat[0])[None]
         elif rows < 64:
-            out = (self.weight @ flat.t()).t()
+            out = (self.weight @ flat.t()).t().contiguous()
         else:
             return F.linear(x, self.weight, self.bias)
         if self.bias is not None:

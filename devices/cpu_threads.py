@@ -38,6 +38,7 @@ class ThreadGovernor:
     ) -> None:
         self.cores = cores
         self.threads = cores
+        self.window = window
         self.samples: deque[float] = deque(maxlen=window)
         self.interval_s = interval_s
         self.read = read
@@ -50,7 +51,7 @@ class ThreadGovernor:
             return None
         self.samples.append(max(0, runnable - own_threads_busy))
         now = time.monotonic()
-        if now - self._last < self.interval_s or len(self.samples) < self.samples.maxlen:
+        if now - self._last < self.interval_s or len(self.samples) < self.window:
             return None
         self._last = now
         wanted = threads_for(self.cores, sum(self.samples) / len(self.samples))

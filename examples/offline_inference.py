@@ -1,7 +1,9 @@
 """Offline batch inference with the Python API (starts its own engine, no server needed).
 
-python examples/offline_inference.py                 # the embedded SmolLM2-135M-Instruct
-python examples/offline_inference.py --model /path/to/hf-checkpoint
+After scripts/install.sh (or scripts/serve.sh) has made .venv, from the repository root:
+
+    .venv/bin/python examples/offline_inference.py              # the embedded SmolLM2-135M-Instruct
+    .venv/bin/python examples/offline_inference.py --model /path/to/hf-checkpoint
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
 """Open-vocabulary detection against a Tessera server: ask for boxes, draw them on the image.
 
 Example client of the OpenAI HTTP adapter; boxes are mapped back with `tessera.images` sizes.
+It needs a server running a grounding VLM (Qwen2.5-VL, or a fine-tune such as
+VLM-R1-Qwen2.5VL-3B-OVD). After scripts/install.sh has made .venv, from the repository root:
 
-    python examples/ovd_grounding.py --image photo.jpg --labels person,dog --out boxes.png
+    scripts/serve.sh --model /path/to/Qwen2.5-VL-3B-Instruct &     # wait for "Tessera ready"
+    .venv/bin/python examples/ovd_grounding.py --image photo.jpg --labels person,dog --out boxes.png
+
+(--base-url defaults to http://127.0.0.1:8000/v1, --model to the server's first model name.)
 
 The raw model answer goes to stderr, the parsed boxes (original-image pixels) to stdout as JSON.
 """
@@ -15,10 +20,19 @@ import io
 import json
 import sys
 import urllib.request
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.image_processing import smart_resize
-from protocols.grounding import Box, draw_boxes, ovd_prompt, parse_boxes, scale_boxes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.image_processing import smart_resize  # noqa: E402
+from protocols.grounding import (  # noqa: E402
+    Box,
+    draw_boxes,
+    ovd_prompt,
+    parse_boxes,
+    scale_boxes,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,6 +82,8 @@ def tessera_sizes(response: Any) -> tuple[list[int], list[int]] | None:
     meta = extra.get("tessera")
     if meta is None and hasattr(response, "to_dict"):
         meta = response.to_dict().get("tessera")
+    if not isinstance(meta, dict):
+        return None
     try:
         first = meta["images"][0]
         resized = [int(v) for v in first["resized_size"]]
@@ -81,7 +97,7 @@ def tessera_sizes(response: Any) -> tuple[list[int], list[int]] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Open-vocabulary detection with a grounding VLM served by Tessera."
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--image", required=True, help="local path or http(s) URL of the image")
     parser.add_argument(

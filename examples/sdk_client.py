@@ -1,7 +1,10 @@
 """Talk to a running Tessera engine over ZeroMQ with the client SDK (no HTTP involved).
 
-python -m core.launch --no-http --run-dir /tmp/tessera-run &
-python examples/sdk_client.py --address ipc:///tmp/tessera-run/front.sock "Tell me a joke"
+After scripts/install.sh (or scripts/serve.sh) has made .venv, from the repository root:
+
+    .venv/bin/python -m core.launch --no-http --run-dir /tmp/tessera-run &   # wait for "Tessera ready"
+    .venv/bin/python examples/sdk_client.py --address ipc:///tmp/tessera-run/front.sock "Tell me a joke"
+    .venv/bin/python examples/sdk_client.py --async --address ipc:///tmp/tessera-run/front.sock "Hi"
 """
 
 from __future__ import annotations

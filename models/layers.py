@@ -60,6 +60,8 @@ class RotaryEmbedding(nn.Module):
     chunks (HF `apply_multimodal_rotary_pos_emb`); `apply_rotary` is the same for both.
     """
 
+    inv_freq: torch.Tensor  # a non-persistent buffer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -4,7 +4,7 @@ The executor calls encode_image once per image, then runs the Qwen2 decoder with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,11 @@ from models.layers import RMSNorm, apply_rotary
 
 # Checkpoint prefixes of the vision tower: published (legacy) and transformers 5 layouts.
 VISUAL_PREFIX = re.compile(r"^(model\.)?visual\.")
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 def vision_position_ids(grid_thw: tuple[int, int, int], merge: int) -> torch.Tensor:
@@ -152,6 +156,8 @@ class VisionTransformer(nn.Module):
     The Conv3d patch embedding (kernel == stride) is a Linear over the flattened patch; the
     loader reshapes the conv weight into it.
     """
+
+    inv_freq: torch.Tensor  # a non-persistent buffer
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()

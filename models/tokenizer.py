@@ -145,13 +145,17 @@ def _set_bos_eos(
     hf: Tokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool
 ) -> None:
     """Install the post-processor that adds BOS/EOS as the config asks (as transformers does)."""
-    add_bos = add_bos and bos is not None and hf.token_to_id(bos) is not None
-    add_eos = add_eos and eos is not None and hf.token_to_id(eos) is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = (
-        f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    # The tokens to add: asked for and in the vocabulary, else None.
+    bos = bos if add_bos and bos is not None and hf.token_to_id(bos) is not None else None
+    eos = eos if add_eos and eos is not None and hf.token_to_id(eos) is not None else None
+    single = (
+        f"{bos + ':0 ' if bos is not None else ''}$A:0{' ' + eos + ':0' if eos is not None else ''}"
     )
-    special = [(t, hf.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    pair = (
+        f"{single}{' ' + bos + ':1' if bos is not None else ''}"
+        f" $B:1{' ' + eos + ':1' if eos is not None else ''}"
+    )
+    special = [(t, hf.token_to_id(t)) for t in (bos, eos) if t is not None]
     hf.post_processor = processors.TemplateProcessing(
         single=single, pair=pair, special_tokens=special
     )

@@ -27,6 +27,7 @@ from protocols.messages import (
     TokenLogprob,
 )
 
+VISION_BATCH_PATCHES = 1024  # images encoded together while their patches fit in this
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -268,13 +269,22 @@ class ModelRunner:
         return embeds
 
     def _encode(self, images: list[ImageRef]) -> list[torch.Tensor]:
+        """Vision outputs of `images`, small ones batched into one pass up to a patch budget:
+        batching four 224x224 images saved ~14% here, while four 640x640 ones ran 1.5x slower
+        together than one by one (bf16, 2 cores)."""
         if not isinstance(self.model, Qwen2_5_VLModel):
             raise ValueError(f"{self.model.config.architecture} has no vision encoder")
-        batch = [
-            (
-                self.pixels.get(im.content_hash).to(self.device, self.dtype),
-                (im.grid_thw[0], im.grid_thw[1], im.grid_thw[2]),
-            )
-            for im in images
-        ]
-        return self.model.encode_images(batch)
+        out: list[torch.Tensor] = []
+        batch: list[tuple[torch.Tensor, tuple[int, int, int]]] = []
+        patches = 0
+        for im in images:
+            grid = (im.grid_thw[0], im.grid_thw[1], im.grid_thw[2])
+            size = grid[0] * grid[1] * grid[2]
+            if batch and patches + size > VISION_BATCH_PATCHES:
+                out += self.model.encode_images(batch)
+                batch, patches = [], 0
+            batch.append((self.pixels.get(im.content_hash).to(self.device, self.dtype), grid))
+            patches += size
+        if batch:
+            out += self.model.encode_images(batch)
+        return out

@@ -160,9 +160,10 @@ async def run_level(
 
         async def worker() -> None:
             for i in next_index:
-                records[i] = await send_one(client, url, headers, bodies[i], api)
+                rec = await send_one(client, url, headers, bodies[i], api)
+                records[i] = rec
                 if on_done is not None:
-                    on_done(records[i])
+                    on_done(rec)
 
         await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, len(bodies))))))
     return [r for r in records if r is not None]

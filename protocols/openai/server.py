@@ -20,7 +20,7 @@ from protocols.client import AsyncEngineClient
 from protocols.openai.app import build_app
 from protocols.stage import Stage
 
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 3  # whole seconds: uvicorn's timeout_graceful_shutdown is an int
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -6,7 +6,7 @@ Back path of a `stream=true` request: RequestOutput increments from the engine c
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ def _failure(out: RequestOutput) -> ErrorInfo | None:
 
 async def sse(
     first: RequestOutput, outputs: AsyncGenerator[RequestOutput, None], renderer: ChunkRenderer
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The event stream of one request; `first` is the increment already read to check errors."""
     try:
         for body in renderer.start():

@@ -24,7 +24,6 @@ from tests.fixtures.vl_checkpoint import (
 from tests.models.paged_runner import cpu_runner, greedy_request, run_plans
 from tests.models.vl_runner import VLPrompt, vl_request
 
-pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 PROMPT = [9707, 11, 1879, 0, 3555, 374, 279, 6722, 315]

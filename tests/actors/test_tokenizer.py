@@ -108,7 +108,7 @@ def test_refusals_go_to_the_gateway_and_nowhere_else(tmp_path: Path) -> None:
 
 
 def test_image_request_goes_to_the_image_stage_with_one_placeholder_each(tmp_path: Path) -> None:
-    image = {"type": "image_url", "image_url": {"url": data_url(28, 28)}}
+    image: dict[str, Any] = {"type": "image_url", "image_url": {"url": data_url(28, 28)}}
     req = chat("img", image, TEXT, {"type": "image", "image": "data:b"}, max_tokens=3)
     req.mm_processor_kwargs = {"max_pixels": 50000}
 

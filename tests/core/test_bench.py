@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -182,7 +183,10 @@ def _make_app(seen: list[dict]):
         for i in range(n):
             await asyncio.sleep(0.003)
             piece = f"tok{i} "
-            choice = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "finish_reason": "length" if i == n - 1 else None,
+            }
             if chat:
                 choice["delta"] = (
                     {"content": piece} if i else {"role": "assistant", "content": piece}

@@ -34,8 +34,10 @@ def test_default_model_answers_a_factual_question(smollm2: EngineProcess) -> Non
         max_tokens=24,
         temperature=0,
     )
-    assert "Paris" in resp.choices[0].message.content
-    assert resp.usage.prompt_tokens > 5 and resp.choices[0].finish_reason in ("stop", "length")
+    answer = resp.choices[0].message.content
+    assert answer is not None and "Paris" in answer
+    assert resp.usage is not None and resp.usage.prompt_tokens > 5
+    assert resp.choices[0].finish_reason in ("stop", "length")
 
 
 def test_sdk_example_streams_from_the_engine(smollm2: EngineProcess) -> None:

@@ -34,6 +34,7 @@ def chat(eng: EngineProcess) -> httpx.Response:
 
 
 def actor_pids(eng: EngineProcess) -> dict[str, int]:
+    assert eng.proc is not None
     out = {}
     for pid in children_of(eng.proc.pid):
         try:
@@ -47,6 +48,7 @@ def actor_pids(eng: EngineProcess) -> dict[str, int]:
 
 def test_sigterm_leaves_no_process_and_no_socket(tiny_qwen2: Path) -> None:
     eng = EngineProcess(str(tiny_qwen2), ARGS).start()
+    assert eng.proc is not None
     kids = children_of(eng.proc.pid)
     assert len(kids) >= 6  # executor, scheduler, gateway, tokenizer, detokenizer, http
     assert chat(eng).status_code == 200
@@ -102,4 +104,4 @@ def test_max_model_len_beyond_the_kv_pool_is_refused_at_start(tiny_qwen2: Path) 
     else:
         eng.stop()
         raise AssertionError("the engine started with a KV pool too small for max_model_len")
-    assert eng.proc.returncode == 1
+    assert eng.proc is not None and eng.proc.returncode == 1

@@ -327,5 +327,5 @@ def test_api_key_required(server_with_key):
     )
     assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] > 0
     assert httpx.get(f"{root(server_with_key)}/health").status_code == 200
-    r = client(server_with_key, api_key=server_with_key.api_key).models.list()
-    assert server_with_key.model in [m.id for m in r.data]
+    models = client(server_with_key, api_key=server_with_key.api_key).models.list()
+    assert server_with_key.model in [m.id for m in models.data]

@@ -64,9 +64,8 @@ def hf_reference(ckpt: Path, names: list[str], new: int) -> dict[str, tuple[list
     for name in names:
         text, seeds = CASES[name]
         content = [{"type": "image"} for _ in seeds] + [{"type": "text", "text": text}]
-        rendered = tok.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(rendered)["input_ids"]
         kw: dict[str, Any] = {}
         if seeds:

@@ -214,7 +214,7 @@ def test_text_only_and_two_images(vl_server: EngineProcess) -> None:
         temperature=0,
         messages=[{"role": "user", "content": "Hello"}],
     )
-    assert text.usage.completion_tokens >= 1
+    assert text.usage is not None and text.usage.completion_tokens >= 1
     two = client.chat.completions.create(
         model="tiny-vl",
         max_tokens=3,
@@ -230,6 +230,7 @@ def test_text_only_and_two_images(vl_server: EngineProcess) -> None:
             }
         ],
     )
+    assert two.model_extra is not None
     sizes = [im["original_size"] for im in two.model_extra["tessera"]["images"]]
     assert sizes == [[56, 56], [84, 28]]
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from models import load_model
 from tests.fixtures.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint
 from tests.models.paged_runner import greedy_generate
 
-transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 MAX_NEW = 8

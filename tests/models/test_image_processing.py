@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as skdata
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as qwen_pil
 
 from models.image_processing import (
     ImageProcessorConfig,
@@ -20,9 +22,6 @@ from models.image_processing import (
     preprocess_image,
     smart_resize,
 )
-
-skdata = pytest.importorskip("skimage.data")
-qwen_pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -94,7 +93,8 @@ def test_photographs_match_hf(processors, name):
 )
 def test_odd_sizes_match_hf(processors, size):
     hf, cfg = processors
-    _assert_same(hf, cfg, _noise(*size, seed=size[0]))
+    width, height = size
+    _assert_same(hf, cfg, _noise(width, height, seed=width))
 
 
 def test_tiny_image_is_upscaled_to_min_pixels(processors):
@@ -174,8 +174,9 @@ def test_absurd_aspect_ratio_raises_like_hf():
 @pytest.mark.parametrize("hw", [(1, 1), (28, 28), (517, 333), (30, 2000), (4000, 3000)])
 def test_smart_resize_matches_hf(hw):
     for min_px, max_px in [(3136, 12845056), (3136, 64 * 784), (100 * 784, 100 * 784)]:
-        ours = smart_resize(*hw, 28, min_px, max_px)
-        assert ours == qwen_pil.smart_resize(*hw, 28, min_px, max_px)
+        h, w = hw
+        ours = smart_resize(h, w, 28, min_px, max_px)
+        assert ours == qwen_pil.smart_resize(h, w, 28, min_px, max_px)
 
 
 def test_config_reads_size_keys_of_newer_files(tmp_path):

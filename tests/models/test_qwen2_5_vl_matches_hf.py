@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
+from PIL import Image
 
 from devices.cpu import CpuPlatform
 from models import load_model
@@ -18,8 +20,6 @@ from models.qwen2_5_vl import Qwen2_5_VLModel
 from tests.fixtures.vl_checkpoint import IMAGE_TOKEN_ID, make_qwen2_5_vl_checkpoint
 from tests.models.vl_runner import VLPrompt, vl_greedy_generate
 
-transformers = pytest.importorskip("transformers")
-PIL = pytest.importorskip("PIL.Image")
 torch.set_num_threads(2)
 
 MAX_NEW = 8
@@ -70,7 +70,7 @@ def cases(checkpoint: Path) -> dict[str, Case]:
     out = {}
     for name, (text, sizes) in CASES.items():
         content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": text}]
-        messages = [{"role": "user", "content": content}]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
         rendered = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -78,7 +78,7 @@ def cases(checkpoint: Path) -> dict[str, Case]:
         images = []
         for h, w in sizes:
             pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            batch = processor(images=[PIL.fromarray(pixels)], return_tensors="pt")
+            batch = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
             images.append((batch["pixel_values"], tuple(batch["image_grid_thw"][0].tolist())))
         expanded: list[int] = []
         pending = iter(images)

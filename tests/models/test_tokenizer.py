@@ -123,7 +123,7 @@ def test_load_missing_path_raises(tmp_path: Path) -> None:
 
 
 def test_flatten_text_content_joins_text_parts() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "be brief"},
         {
             "role": "user",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from skimage import data as skdata
 
 from protocols.grounding import (
     Box,
@@ -184,8 +185,7 @@ def test_draw_boxes_writes_png_of_original_size_with_box_edges(tmp_path):
 
 
 def test_draw_boxes_on_a_photo(tmp_path):
-    data = pytest.importorskip("skimage.data")
-    photo = Image.fromarray(data.astronaut())
+    photo = Image.fromarray(skdata.astronaut())
     out = tmp_path / "astronaut.png"
     draw_boxes(photo, parse_boxes('[{"bbox_2d": [150, 20, 320, 220], "label": "face"}]'), out)
     saved = Image.open(out).convert("RGB")

@@ -6,7 +6,8 @@ Exercises the HTTP hop alone: FastAPI app -> (fake) AsyncEngineClient, no proces
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -56,7 +57,7 @@ class FakeClient:
         self.requests: list[GenerateRequest] = []
         self.closed: list[str] = []
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[RequestOutput, None]:
         self.requests.append(request)
         try:
             try:
@@ -83,8 +84,9 @@ def make(script: Script = hello, api_key: str | None = None, ready: bool = True)
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def events(text: str) -> list[dict | str]:
-    out: list[dict | str] = []
+def events(text: str) -> list[Any]:
+    """The SSE data payloads: decoded JSON objects, and the final "[DONE]"."""
+    out: list[Any] = []
     for block in text.split("\n\n"):
         if block:
             assert block.startswith("data: ")

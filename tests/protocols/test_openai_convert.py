@@ -93,7 +93,8 @@ def test_image_parts_pass_through_untouched():
         {"type": "text", "text": "what is this?"},
     ]
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": parts}])
-    assert convert.chat_request(req, "r").messages[0]["content"] == parts
+    messages = convert.chat_request(req, "r").messages
+    assert messages is not None and messages[0]["content"] == parts
 
 
 @pytest.mark.parametrize(
