@@ -42,12 +42,12 @@ def test_mixed_step_matches_dense_attention(heads: int, kv_heads: int) -> None:
                 torch.randn(cached + new, kv_heads, head_dim),
             )
         )
-    k_cache = torch.zeros(64 * block_size, kv_heads, head_dim)
+    k_cache = torch.zeros(kv_heads, 64 * block_size, head_dim)
     v_cache = torch.zeros_like(k_cache)
     for (cached, _), table, (k, v) in zip(shapes, tables, histories):
         for pos in range(cached):  # what earlier steps wrote
             slot = table[pos // block_size] * block_size + pos % block_size
-            k_cache[slot], v_cache[slot] = k[pos], v[pos]
+            k_cache[:, slot], v_cache[:, slot] = k[pos], v[pos]
     qs = [torch.randn(new, heads, head_dim) for _, new in shapes]
     meta = AttentionMetadata.build(
         [new for _, new in shapes], [c for c, _ in shapes], tables, block_size, torch.device("cpu")
@@ -64,20 +64,25 @@ def test_decode_only_step_matches_dense_attention() -> None:
     block_size, heads, kv_heads, head_dim = 16, 14, 2, 16
     lens = [1, 17, 40, 33]
     tables = [[7], [0, 3], [9, 1, 4], [2, 8, 5]]
-    k_cache = torch.randn(10 * block_size, kv_heads, head_dim)
+    k_cache = torch.randn(kv_heads, 10 * block_size, head_dim)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(len(lens), heads, head_dim)
     slots = [
         torch.tensor([t[p // block_size] * block_size + p % block_size for p in range(n)])
         for t, n in zip(tables, lens)
     ]
-    new_k = torch.stack([k_cache[s[-1]] for s in slots])
-    new_v = torch.stack([v_cache[s[-1]] for s in slots])
+    new_k = torch.stack([k_cache[:, s[-1]] for s in slots])
+    new_v = torch.stack([v_cache[:, s[-1]] for s in slots])
     meta = AttentionMetadata.build(
         [1] * len(lens), [n - 1 for n in lens], tables, block_size, torch.device("cpu")
     )
     out = paged_attention(q, new_k, new_v, (k_cache, v_cache), meta)
     expected = torch.cat(
-        [dense_reference(q[i : i + 1], k_cache[s], v_cache[s]) for i, s in enumerate(slots)]
+        [
+            dense_reference(
+                q[i : i + 1], k_cache[:, s].transpose(0, 1), v_cache[:, s].transpose(0, 1)
+            )
+            for i, s in enumerate(slots)
+        ]
     )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
