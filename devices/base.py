@@ -52,6 +52,12 @@ class Platform(ABC):
     def set_threads(self, n: int) -> None:  # noqa: B027 - no-op by default
         """Set intra-op CPU threads (meaningful on cpu only)."""
 
+    def zeros(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A zero-filled tensor for a long-lived pool (the KV cache)."""
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     def empty_cache(self) -> None:  # noqa: B027 - no-op by default
         """Return cached allocator blocks to the device (no-op where there is no cache)."""
 

@@ -5,6 +5,8 @@ accelerator.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -140,6 +142,19 @@ class CpuPlatform(Platform):
         """bf16 where the CPU computes it natively (AVX512-BF16 or AMX), else fp32: elsewhere
         bf16 matrix products are emulated and far slower than fp32."""
         return torch.bfloat16 if has_native_bf16() else torch.float32
+
+    def zeros(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Zeros in an anonymous memory map: the kernel hands out zero pages on first touch, so
+        the KV pool costs RAM only as far as requests have written into it (an idle engine
+        serving a 135M model no longer holds gigabytes of zeros)."""
+        count = math.prod(shape)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return torch.frombuffer(region, dtype=dtype, count=count).view(shape)
 
     def memory_free_bytes(self, device: torch.device) -> int:
         free = _meminfo_available()

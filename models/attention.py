@@ -3,6 +3,7 @@ The executor builds AttentionMetadata once per step; every decoder layer's Atten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,17 +17,21 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def allocate_kv_cache(
-    config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    zeros: Callable[..., torch.Tensor] = torch.zeros,
 ) -> list[KVCache]:
     """Per layer (k_cache, v_cache), each [num_kv_heads, num_blocks * block_size, head_dim]:
     head-major, so the blocks of a block table gather into [heads, tokens, head_dim] rows that
-    matrix products read directly (no transposing copy per step)."""
+    matrix products read directly (no transposing copy per step). `zeros(shape, dtype, device)`
+    makes each tensor (a platform may commit the memory lazily); unused slots must read as 0,
+    since padded decode keys are read and masked, and 0 * NaN would poison a row."""
     shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
     return [
-        (
-            torch.zeros(shape, device=device, dtype=dtype),
-            torch.zeros(shape, device=device, dtype=dtype),
-        )
+        (zeros(shape, dtype=dtype, device=device), zeros(shape, dtype=dtype, device=device))
         for _ in range(config.num_layers)
     ]
 

@@ -48,7 +48,7 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.kv = allocate_kv_cache(
-            model.config, pool.num_blocks, pool.block_size, self.device, self.dtype
+            model.config, pool.num_blocks, pool.block_size, self.device, self.dtype, platform.zeros
         )
         self.uses_mrope = model.config.mrope_section is not None
         self.requests: dict[str, SequenceState] = {}

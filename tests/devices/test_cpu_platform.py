@@ -137,3 +137,21 @@ def test_accelerator_memory_and_sync(name: str) -> None:
     assert platform.memory_free_bytes(device) > 0
     assert float(x.sum().cpu()) == 1024.0
     platform.empty_cache()
+
+
+def _rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_cpu_zeros_commit_memory_only_where_written() -> None:
+    platform = get_platform("cpu")
+    before = _rss_bytes()
+    pool = platform.zeros((4, 1 << 26), torch.bfloat16, torch.device("cpu"))  # 512 MiB
+    assert _rss_bytes() - before < (64 << 20)  # reserved, not resident
+    assert pool.shape == (4, 1 << 26) and pool.dtype == torch.bfloat16
+    assert not pool[:, :4096].any() and not pool[3, -4096:].any()
+    pool[1, 7] = 3.0
+    assert pool.sum().item() == 3.0
