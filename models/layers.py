@@ -86,19 +86,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, ..., D]; cos/sin [T, D] made as cat(freqs, freqs), so their halves are equal.
-
-    The standard rotate_half rotation, x * cos + cat(-x2, x1) * sin, computed half by half
-    (x1 * c - x2 * s | x2 * c + x1 * s): the same roundings, bit for bit, without the negated
-    copy and the concatenation (a third of the vision tower's time went to rotations)."""
-    half = x.shape[-1] // 2
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    c, s = cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)
-    x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty_like(x)
-    torch.sub(x1 * c, x2 * s, out=out[..., :half])
-    torch.add(x2 * c, x1 * s, out=out[..., half:])
-    return out
+    """x [T, heads, D]; cos/sin [T, D]. Standard rotate_half rotation."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class GatedMLP(nn.Module):

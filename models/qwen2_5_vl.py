@@ -97,10 +97,10 @@ class VisionAttention(nn.Module):
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segs: Segments | None
     ) -> torch.Tensor:
         seq = x.shape[0]
-        qkv = self.qkv(x).view(seq, 3, self.num_heads, self.head_dim)
-        # HF rotates the vision q/k in fp32 and casts back; q and k are rotated together.
-        q, k = apply_rotary(qkv[:, :2].float(), *cos_sin).to(x.dtype).unbind(1)
-        v = qkv[:, 2]
+        q, k, v = self.qkv(x).view(seq, 3, self.num_heads, self.head_dim).unbind(1)
+        # HF rotates the vision q/k in fp32 and casts back.
+        q = apply_rotary(q.float(), *cos_sin).to(x.dtype)
+        k = apply_rotary(k.float(), *cos_sin).to(x.dtype)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, S, D]
         out = segment_attention(q, k, v, segs)
         return self.proj(out.transpose(0, 1).reshape(seq, -1))
