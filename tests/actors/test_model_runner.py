@@ -13,6 +13,7 @@ from devices.cpu import CpuPlatform
 from models import load_model
 from models.decoder import Decoder
 from models.qwen2_5_vl import Qwen2_5_VLModel
+from models.tokenizer import TextTokenizer
 from protocols.messages import ScheduledSequence, StepPlan
 from tests.fixtures.checkpoints import make_qwen2_checkpoint
 from tests.fixtures.vl_checkpoint import (
@@ -22,6 +23,7 @@ from tests.fixtures.vl_checkpoint import (
     make_qwen2_5_vl_checkpoint,
 )
 from tests.models.paged_runner import cpu_runner, greedy_request, run_plans
+from tests.models.test_gguf_smollm2 import default_gguf_path
 from tests.models.vl_runner import VLPrompt, vl_request
 
 torch.set_num_threads(2)
@@ -208,3 +210,26 @@ def test_load_sizes_a_cpu_pool_for_max_num_seqs_sequences(qwen2: Path) -> None:
     assert (facts.architecture, facts.dtype, facts.image_token_id) == ("qwen2", "float32", None)
     assert facts.eos_token_ids == runner.model.config.eos_token_ids
     assert not any(isinstance(m, torch.nn.Linear) for m in runner.model.modules())  # packed
+
+
+def test_bf16_runner_answers_like_the_fp32_one() -> None:
+    """The CPU's bf16 kernels (matrix-vector for one row, W @ x.T for 2-63 rows, F.linear from
+    64) keep the real SmolLM2's greedy answer: one request (a 37-row prefill, then one-row
+    decodes) and three together (a 111-row prefill, then three-row decodes). A layout slip in
+    one kernel once changed this answer while every fp32 parity test still passed."""
+    path = default_gguf_path()
+    tokenizer = TextTokenizer.load(path)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.encode(
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True), add_special_tokens=False
+    )
+    answers: dict[torch.dtype, list[str]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = cpu_runner(load_model(path, CPU, dtype), 64)
+        answers[dtype] = []
+        for batch in (1, 3):
+            requests = [greedy_request(f"r{batch}-{i}", ids, 8) for i in range(batch)]
+            jobs = run_plans(runner, requests, 8, prefill_chunk=None)
+            answers[dtype] += [tokenizer.decode(j.output) for j in jobs]
+    assert answers[torch.float32] == ["The capital of France is Paris."] * 4
+    assert answers[torch.bfloat16] == answers[torch.float32]
