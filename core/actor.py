@@ -33,7 +33,7 @@ class ActorSpec:
     name: str
     target: str  # "package.module:ClassName"
     index: int = 0
-    engine_info: dict[str, Any] = field(default_factory=dict)  # what earlier stages reported
+    ready_info: dict[str, Any] = field(default_factory=dict)  # what earlier stages reported
     control: str = ""  # the supervisor's control address (heartbeats, readiness)
 
 
@@ -46,7 +46,7 @@ class Actor:
     def __init__(self, spec: ActorSpec, config: EngineConfig, wiring: dict[str, Any]) -> None:
         self.name = spec.name
         self.index = spec.index
-        self.engine_info = spec.engine_info
+        self.ready_info = spec.ready_info
         self.control = spec.control
         self.config = config
         self.wiring = wiring

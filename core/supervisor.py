@@ -105,7 +105,7 @@ class Supervisor:
 
     def _start_group(self, group: StageGroup) -> None:
         for spec in group.specs:
-            spec.engine_info = dict(self.ready_info)
+            spec.ready_info = dict(self.ready_info)
             spec.control = self.control_address
             self.specs[spec.name] = spec
             if group.restartable:

@@ -18,7 +18,7 @@ class Stage(Actor):
     def __init__(self, spec: ActorSpec, config: EngineConfig, wiring: dict[str, Any]) -> None:
         super().__init__(spec, config, wiring)
         self.addresses = Addresses.from_dict(wiring)
-        self._facts = EngineFacts.from_info(spec.engine_info) if spec.engine_info else None
+        self._facts = EngineFacts.from_info(spec.ready_info) if spec.ready_info else None
 
     @property
     def facts(self) -> EngineFacts:

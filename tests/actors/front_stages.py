@@ -89,7 +89,7 @@ async def running(
     if with_images:
         classes["images0"] = ImagePreprocessorActor
     actors = {
-        name: cls(ActorSpec(name, "", engine_info=engine.to_info()), config, addresses.to_dict())
+        name: cls(ActorSpec(name, "", ready_info=engine.to_info()), config, addresses.to_dict())
         for name, cls in classes.items()
     }
     t = Transport()

@@ -32,7 +32,7 @@ def test_readiness_routing_and_aborts(tmp_path: Path) -> None:
     addresses, _ = make_addresses("ipc", str(tmp_path), 1, TOKENIZERS, 1, 1)
     engine = facts(images=False)
     gateway = GatewayActor(
-        ActorSpec("gateway", "", engine_info=engine.to_info()),
+        ActorSpec("gateway", "", ready_info=engine.to_info()),
         EngineConfig(log_level="warning"),
         addresses.to_dict(),
     )
