@@ -18,8 +18,7 @@ The weights come from transformers' Qwen2_5_VLForConditionalGeneration built fro
 (its own random init, seeded by --seed) and written with save_pretrained, which uses the
 published key names (model.*, visual.*); config.json is then rewritten in the published flat
 layout, so the folder looks like the checkpoints on the hub. The tokenizer is the
-real Qwen2.5 one (tests/assets/qwen2.5-tokenizer, else ../shared/assets/qwen2.5-tokenizer, or
---tokenizer-dir), with the Qwen2.5-VL chat template; preprocessor_config.json is Qwen2.5-VL's.
+real Qwen2.5 one (tests/assets/qwen2.5-tokenizer, or --tokenizer-dir), with the Qwen2.5-VL chat template; preprocessor_config.json is Qwen2.5-VL's.
 Outputs are gibberish: the checkpoint is for measuring speed, not quality.
 """
 
@@ -35,35 +34,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIRS = (
-    REPO / "tests" / "assets" / "qwen2.5-tokenizer",
-    REPO.parent / "shared" / "assets" / "qwen2.5-tokenizer",
-)
+TOKENIZER_DIR = REPO / "tests" / "assets" / "qwen2.5-tokenizer"
 
 # Qwen2.5 special token ids (the real tokenizer's).
 ENDOFTEXT, IM_END = 151643, 151645
 VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151654, 151655, 151656
 
-# Chat template of Qwen2.5-VL-*-Instruct (chat_template.json on the hub).
-QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# Chat template of Qwen2.5-VL-*-Instruct (chat_template.json on the hub), shared with the tests.
+QWEN25VL_CHAT_TEMPLATE = (REPO / "tests" / "assets" / "qwen2.5-vl-chat-template.jinja").read_text()
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -186,7 +164,7 @@ def preprocessor_config(shape: str) -> dict[str, Any]:
 
 
 def find_tokenizer_dir(explicit: str | None) -> Path:
-    candidates = [Path(explicit)] if explicit else list(TOKENIZER_DIRS)
+    candidates = [Path(explicit) if explicit else TOKENIZER_DIR]
     for d in candidates:
         if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
             return d

@@ -24,18 +24,9 @@ from PIL import Image
 
 from core.bench import client, datasets, metrics, report
 from core.bench.metrics import RequestRecord
+from tests.fixtures.checkpoints import tokenizer_dir
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tokenizer_dir() -> Path | None:
-    for d in (
-        REPO / "tests/assets/qwen2.5-tokenizer",
-        REPO.parent / "shared/assets/qwen2.5-tokenizer",
-    ):
-        if (d / "tokenizer.json").is_file():
-            return d
-    return None
 
 
 # ---------------------------------------------------------------------------- metric definitions
@@ -124,9 +115,8 @@ def test_random_text_by_words():
     assert datasets.random_text(50, rng) != text  # a different prompt per request
 
 
-@pytest.mark.skipif(_tokenizer_dir() is None, reason="no Qwen2.5 tokenizer asset")
 def test_random_text_by_tokenizer():
-    tok = datasets.load_tokenizer(str(_tokenizer_dir()))
+    tok = datasets.load_tokenizer(str(tokenizer_dir()))
     rng = np.random.default_rng(1)
     for n in (1, 17, 200):
         text = datasets.random_text(n, rng, tok)
