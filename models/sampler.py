@@ -17,12 +17,9 @@ SAMPLING_EPS = 1e-5  # a temperature below this means greedy (vLLM's convention)
 TOP_P_CANDIDATES = 1024  # top-p looks among this many best tokens before sorting them all
 
 
-class SamplingRow(Protocol):
-    """What the sampler reads of one request (one logits row); the runner's request state is one.
-
-    Disabled values follow vLLM: top_k <= 0, top_p 1.0, min_p 0.0, penalties 0.0 / 1.0, logprobs
-    None. `min_tokens_stop_ids` (eos + stop ids) are banned while the output is shorter than
-    `min_tokens`. `generator` (on the sampling device) makes the row's draws reproducible."""
+class SamplingSettings(Protocol):
+    """What a client asked of sampling (protocols.messages.SamplingParams is one). Disabled
+    values follow vLLM: top_k <= 0, top_p 1.0, min_p 0.0, penalties 0.0 / 1.0, logprobs None."""
 
     @property
     def temperature(self) -> float: ...
@@ -42,6 +39,17 @@ class SamplingRow(Protocol):
     def min_tokens(self) -> int: ...
     @property
     def logprobs(self) -> int | None: ...
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one request (one logits row); the runner's request state is one.
+
+    `min_tokens_stop_ids` (eos + stop ids) are banned while the output is shorter than
+    `sampling.min_tokens`. `generator` (on the sampling device) makes the row's draws
+    reproducible."""
+
+    @property
+    def sampling(self) -> SamplingSettings: ...
     @property
     def min_tokens_stop_ids(self) -> Sequence[int]: ...
     @property
@@ -85,17 +93,17 @@ class SamplingBatch:
         """Turn per-request settings (row i of `rows` samples row i of the logits) into device
         tensors. A row's generator is advanced only when that row samples randomly."""
         n = len(rows)
-        temperatures = [r.temperature for r in rows]
-        top_ps = [r.top_p for r in rows]
-        top_ks = [r.top_k for r in rows]
-        min_ps = [r.min_p for r in rows]
-        presence_penalties = [r.presence_penalty for r in rows]
-        frequency_penalties = [r.frequency_penalty for r in rows]
-        repetition_penalties = [r.repetition_penalty for r in rows]
+        temperatures = [r.sampling.temperature for r in rows]
+        top_ps = [r.sampling.top_p for r in rows]
+        top_ks = [r.sampling.top_k for r in rows]
+        min_ps = [r.sampling.min_p for r in rows]
+        presence_penalties = [r.sampling.presence_penalty for r in rows]
+        frequency_penalties = [r.sampling.frequency_penalty for r in rows]
+        repetition_penalties = [r.sampling.repetition_penalty for r in rows]
         prompt_token_ids = [r.prompt_token_ids for r in rows]
         output_token_ids = [r.output_token_ids for r in rows]
         generators = [r.generator for r in rows]
-        asked = [r.logprobs for r in rows if r.logprobs is not None]
+        asked = [lp for r in rows if (lp := r.sampling.logprobs) is not None]
         max_logprobs = max(asked) if asked else -1
 
         def floats(values: list[float]) -> torch.Tensor:
@@ -152,7 +160,7 @@ class SamplingBatch:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, r in enumerate(rows):
-            if len(output_token_ids[i]) < r.min_tokens:
+            if len(output_token_ids[i]) < r.sampling.min_tokens:
                 ids_in_vocab = [t for t in r.min_tokens_stop_ids if 0 <= t < vocab_size]
                 ban_rows += [i] * len(ids_in_vocab)
                 ban_ids += ids_in_vocab

@@ -216,7 +216,7 @@ class ModelRunner:
         result = []
         for i, state in enumerate(sampling):
             state.output_token_ids.append(token_ids[i])
-            k = state.logprobs
+            k = state.sampling.logprobs
             logprobs = None
             if k is not None and lp is not None:
                 top = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocols.messages import EngineRequest
+from protocols.messages import EngineRequest, SamplingParams
 
 
 @dataclass
@@ -50,40 +50,8 @@ class SequenceState:
     # ------------------------------------------------------------ models.sampler.SamplingRow
 
     @property
-    def temperature(self) -> float:
-        return self.request.sampling.temperature
-
-    @property
-    def top_p(self) -> float:
-        return self.request.sampling.top_p
-
-    @property
-    def top_k(self) -> int:
-        return self.request.sampling.top_k
-
-    @property
-    def min_p(self) -> float:
-        return self.request.sampling.min_p
-
-    @property
-    def presence_penalty(self) -> float:
-        return self.request.sampling.presence_penalty
-
-    @property
-    def frequency_penalty(self) -> float:
-        return self.request.sampling.frequency_penalty
-
-    @property
-    def repetition_penalty(self) -> float:
-        return self.request.sampling.repetition_penalty
-
-    @property
-    def min_tokens(self) -> int:
-        return self.request.sampling.min_tokens
-
-    @property
-    def logprobs(self) -> int | None:
-        return self.request.sampling.logprobs
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
 
     @property
     def min_tokens_stop_ids(self) -> list[int]:

@@ -19,23 +19,16 @@ from models.sampler import (
     apply_top_k_top_p,
     sample,
 )
+from protocols.messages import SamplingParams
 
 CPU = torch.device("cpu")
 
 
 @dataclass
 class Row:
-    """One request's settings, as models.sampler.SamplingRow asks; plain random sampling."""
+    """One request, as models.sampler.SamplingRow asks; plain random sampling."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    logprobs: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     min_tokens_stop_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
@@ -62,10 +55,12 @@ COLUMNS = {
 def make_rows(n: int, max_logprobs: int = -1, **columns: list[Any]) -> list[Row]:
     """`n` plain random-sampling rows; each column gives one value per row; every row asks for
     `max_logprobs` alternatives (-1: none)."""
-    rows = [Row(logprobs=None if max_logprobs < 0 else max_logprobs) for _ in range(n)]
+    logprobs = None if max_logprobs < 0 else max_logprobs
+    rows = [Row(SamplingParams(logprobs=logprobs)) for _ in range(n)]
     for name, values in columns.items():
         for row, value in zip(rows, values, strict=True):
-            setattr(row, COLUMNS[name], value)
+            attribute = COLUMNS[name]
+            setattr(row.sampling if hasattr(row.sampling, attribute) else row, attribute, value)
     return rows
 
 
@@ -313,7 +308,7 @@ def test_logits_must_match_the_batch_rows_and_vocab() -> None:
 
 def test_max_logprobs_is_the_largest_any_row_asks_for() -> None:
     rows = make_rows(3)
-    rows[0].logprobs, rows[2].logprobs = 2, 5
+    rows[0].sampling.logprobs, rows[2].sampling.logprobs = 2, 5
     batch = SamplingBatch.build(rows, 10, CPU)
     assert batch.max_logprobs == 5
     assert make_batch(3, 10).max_logprobs == -1
