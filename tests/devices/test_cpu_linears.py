@@ -1,5 +1,5 @@
-"""CPU linear kernels: whatever product a layer picks for a batch width, it computes what
-nn.Linear computes (bf16 within bf16 rounding, fp32 packed within summation-order noise)."""
+"""CPU linear kernels: a packed linear layer and the fused gated MLP compute what nn.Linear and
+GatedMLP compute (fp32 within summation-order noise, bf16 within bf16 rounding)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,58 @@ import pytest
 import torch
 from torch import nn
 
-from devices.cpu import Bf16Linear, OneDNNLinear, pack_linears
+from devices.cpu_linear import FusedGatedMLP, PackedLinear, pack_linears, packing_supported
+from models.layers import GatedMLP
+
+DTYPES = [d for d in (torch.float32, torch.bfloat16) if packing_supported(d)]
+TOLERANCE = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 0.05, "rtol": 0.02},
+}
 
 
-@pytest.mark.parametrize("rows", [1, 5, 63, 64, 200])
+class MlpShape:
+    hidden_size = 96
+    intermediate_size = 160
+    mlp_bias = False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 63, 200])
 @pytest.mark.parametrize("bias", [True, False])
-def test_bf16_linear_matches_nn_linear(rows: int, bias: bool) -> None:
+def test_packed_linear_matches_nn_linear(dtype: torch.dtype, rows: int, bias: bool) -> None:
     torch.manual_seed(rows)
-    ref = nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
-    fast = Bf16Linear.wrap(ref)
-    x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+    ref = nn.Linear(96, 160, bias=bias).to(dtype)
+    fast = PackedLinear(ref)
+    x = torch.randn(2, rows, 96, dtype=dtype)
     with torch.no_grad():
-        expected = ref(x.float().to(torch.bfloat16)).float()
+        expected = ref(x).float()
         got = fast(x)
-    assert got.shape == (2, rows, 160) and got.dtype == torch.bfloat16
+    assert got.shape == (2, rows, 160) and got.dtype == dtype
     assert got.is_contiguous()  # later layers view() their inputs
-    torch.testing.assert_close(got.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
 
 
-def test_pack_linears_picks_a_kernel_per_dtype_and_is_idempotent() -> None:
-    inner = nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16))
-    model = nn.Sequential(nn.Linear(8, 8), inner)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 130])
+def test_fused_gated_mlp_matches_gated_mlp(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(rows)
+    ref = GatedMLP(MlpShape()).to(dtype)  # type: ignore[arg-type]
+    fast = FusedGatedMLP(ref)
+    x = torch.randn(rows, 96, dtype=dtype)
+    with torch.no_grad():
+        expected, got = ref(x).float(), fast(x)
+    assert got.shape == (rows, 96) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+
+
+def test_pack_linears_replaces_each_layer_once() -> None:
+    mlp = GatedMLP(MlpShape())  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4)), mlp)
     pack_linears(model)
     first = [type(m) for m in model.modules()]
     pack_linears(model)
     assert [type(m) for m in model.modules()] == first
-    if torch.backends.mkldnn.is_available():
-        assert isinstance(model[0], OneDNNLinear) and isinstance(inner[0], Bf16Linear)
+    if packing_supported(torch.float32):
+        assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
+        assert isinstance(model[2], FusedGatedMLP)
