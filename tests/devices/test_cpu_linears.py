@@ -11,10 +11,7 @@ from devices.cpu_linear import FusedGatedMLP, PackedLinear, pack_linears, packin
 from models.layers import GatedMLP
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if packing_supported(d)]
-TOLERANCE = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-    torch.bfloat16: {"atol": 0.05, "rtol": 0.02},
-}
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (0.05, 0.02)}  # (atol, rtol)
 
 
 class MlpShape:
@@ -36,7 +33,8 @@ def test_packed_linear_matches_nn_linear(dtype: torch.dtype, rows: int, bias: bo
         got = fast(x)
     assert got.shape == (2, rows, 160) and got.dtype == dtype
     assert got.is_contiguous()  # later layers view() their inputs
-    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -49,16 +47,18 @@ def test_fused_gated_mlp_matches_gated_mlp(dtype: torch.dtype, rows: int) -> Non
     with torch.no_grad():
         expected, got = ref(x).float(), fast(x)
     assert got.shape == (rows, 96) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
 
 
 def test_pack_linears_replaces_each_layer_once() -> None:
     mlp = GatedMLP(MlpShape())  # type: ignore[arg-type]
-    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4)), mlp)
+    inner = nn.Sequential(nn.Linear(8, 4))
+    model = nn.Sequential(nn.Linear(8, 8), inner, mlp)
     pack_linears(model)
     first = [type(m) for m in model.modules()]
     pack_linears(model)
     assert [type(m) for m in model.modules()] == first
     if packing_supported(torch.float32):
-        assert isinstance(model[0], PackedLinear) and isinstance(model[1][0], PackedLinear)
+        assert isinstance(model[0], PackedLinear) and isinstance(inner[0], PackedLinear)
         assert isinstance(model[2], FusedGatedMLP)
