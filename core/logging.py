@@ -18,7 +18,7 @@ def setup_logging(actor: str, level: str = "info") -> structlog.stdlib.BoundLogg
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+            structlog.processors.TimeStamper(fmt="%H:%M:%S.%f", utc=False),
             structlog.dev.ConsoleRenderer(colors=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from models.attention import DecodeKernel
+
 
 class Platform(ABC):
     """One accelerator family. Subclasses live one per file; only they touch vendor modules."""
@@ -41,6 +43,11 @@ class Platform(ABC):
         """Adapt a loaded model's weights to this device's fastest kernels, in place (idempotent).
 
         Called once, after the weights are loaded and before the first forward."""
+
+    def decode_attention(self) -> DecodeKernel | None:
+        """This device's kernel for one-token (decode) attention over the paged cache, read in
+        place; None: the model's portable torch path (gathers each step's blocks)."""
+        return None
 
     def synchronize(self, device: torch.device) -> None:  # noqa: B027 - no-op by default
         """Wait for all queued work on `device` (no-op where execution is synchronous)."""

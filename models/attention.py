@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,23 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
     return per_token * block_size * config.num_layers
 
 
+class DecodeKernel(Protocol):
+    """A device's decode attention that reads the paged cache in place (the platform offers one,
+    e.g. devices/cpu_paged_attention.py): q [S, H, D] -> [S, H, D], sequence s attending to the
+    first lens[s] keys of the blocks tables[s] [S, max_blocks] names."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,
+        lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
 @dataclass
 class PrefillSpan:
     """One sequence of the step with several new tokens (a prompt or a prefill chunk)."""
@@ -58,28 +76,33 @@ class AttentionMetadata:
     """Everything attention needs for one step, built once and shared by all layers.
 
     slot_mapping [T]: cache slot of each new token. Decodes (one new token each) are attended
-    to together, block by block: decode_rows [Bd] are their packed rows, decode_blocks [Bd * nb]
-    their block tables one after another (padding repeats a valid block), decode_bias
-    [Bd, 1, nb * block_size] is 0 on real keys and -inf on padding. Every other sequence is a PrefillSpan attended to on
-    its own, so a long prompt never pads the decodes of its step to its length.
+    to together: decode_rows [Bd] are their packed rows, decode_tables [Bd, nb] their block
+    tables (padding repeats a valid block) and decode_lens [Bd] their key counts. With a
+    decode_kernel (the platform's) they are attended to in place; otherwise their blocks are
+    gathered and decode_bias [Bd, 1, nb * block_size] (0 on real keys, -inf on padding) masks
+    the padding. Every other sequence is a PrefillSpan attended to on its own, so a long prompt
+    never pads the decodes of its step to its length.
     """
 
     slot_mapping: torch.Tensor
     block_size: int
     decode_rows: torch.Tensor | None
-    decode_blocks: torch.Tensor | None
+    decode_tables: torch.Tensor | None
+    decode_lens: torch.Tensor | None
     decode_bias: torch.Tensor | None
     prefills: list[PrefillSpan]
+    decode_kernel: DecodeKernel | None = None
     _rows: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def decode_block_rows(self, num_kv: int, blocks: int) -> torch.Tensor:
         """Rows of a cache viewed as [num_kv * blocks, block_size * head_dim] holding the decodes'
         blocks, head by head (the same for every layer of the step, so made once)."""
-        assert self.decode_blocks is not None
+        assert self.decode_tables is not None
         key = (num_kv, blocks)
         if key not in self._rows:
-            heads = torch.arange(num_kv, device=self.decode_blocks.device)[:, None] * blocks
-            self._rows[key] = (heads + self.decode_blocks[None, :]).flatten()
+            flat = self.decode_tables.flatten()
+            heads = torch.arange(num_kv, device=flat.device)[:, None] * blocks
+            self._rows[key] = (heads + flat[None, :]).flatten()
         return self._rows[key]
 
     @classmethod
@@ -90,6 +113,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        decode_kernel: DecodeKernel | None = None,
     ) -> AttentionMetadata:
         def slots(table: list[int], first: int, last: int) -> torch.Tensor:
             pos = torch.arange(first, last)
@@ -117,7 +141,7 @@ class AttentionMetadata:
                     )
                 )
             row += qlen
-        dec_rows = dec_blocks = dec_bias = None
+        dec_rows = dec_tables = dec_lens = dec_bias = None
         if decodes:
             nb = max(-(-n // block_size) for _, n, _ in decodes)
             tables = []
@@ -125,13 +149,23 @@ class AttentionMetadata:
                 used = table[: -(-n // block_size)]
                 tables.append(used + [used[-1]] * (nb - len(used)))
             lens = torch.tensor([n for _, n, _ in decodes])
-            bias = torch.zeros(len(decodes), nb * block_size)
-            bias.masked_fill_(torch.arange(nb * block_size)[None, :] >= lens[:, None], -torch.inf)
-            dec_blocks = torch.tensor(tables, dtype=torch.long, device=device).flatten()
-            dec_bias = bias[:, None].to(device)
+            if decode_kernel is None:
+                bias = torch.zeros(len(decodes), nb * block_size)
+                keys = torch.arange(nb * block_size)[None, :]
+                bias.masked_fill_(keys >= lens[:, None], -torch.inf)
+                dec_bias = bias[:, None].to(device)
+            dec_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            dec_lens = lens.to(device)
             dec_rows = torch.tensor([r for r, _, _ in decodes], device=device)
         return cls(
-            torch.cat(slot_parts).to(device), block_size, dec_rows, dec_blocks, dec_bias, prefills
+            torch.cat(slot_parts).to(device),
+            block_size,
+            dec_rows,
+            dec_tables,
+            dec_lens,
+            dec_bias,
+            prefills,
+            decode_kernel,
         )
 
 
@@ -170,9 +204,20 @@ def _decode_attention(
     and each KV head's group of query heads is one batched matrix product over them: no key is
     repeated for grouped-query attention and no transposing copy is made. Measured against
     SDPA's one-token CPU path and an [slots, heads, dim] layout, this was 2-4x faster at 32
-    sequences of 700 tokens (see BENCHMARKS.md)."""
-    assert meta.decode_blocks is not None and meta.decode_bias is not None
+    sequences of 700 tokens (see BENCHMARKS.md). A platform's decode_kernel replaces all this."""
     bd, num_heads, head_dim = q.shape
+    if meta.decode_kernel is not None:
+        assert meta.decode_tables is not None and meta.decode_lens is not None
+        return meta.decode_kernel(
+            q,
+            k_cache,
+            v_cache,
+            meta.decode_tables,
+            meta.decode_lens,
+            meta.block_size,
+            head_dim**-0.5,
+        )
+    assert meta.decode_bias is not None
     num_kv = k_cache.shape[0]
     group = num_heads // num_kv
     blocks = k_cache.shape[1] // meta.block_size

@@ -51,6 +51,7 @@ class ModelRunner:
             model.config, pool.num_blocks, pool.block_size, self.device, self.dtype, platform.zeros
         )
         self.uses_mrope = model.config.mrope_section is not None
+        self.decode_kernel = platform.decode_attention()
         self.requests: dict[str, SequenceState] = {}
         self.pixels = PixelStore()
         self.encoder_cache = EncoderCache()
@@ -183,6 +184,7 @@ class ModelRunner:
             [s.block_table for s in seqs],
             self.pool.block_size,
             dev,
+            self.decode_kernel,
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         hidden = self.model(
