@@ -12,7 +12,8 @@ from typing import Any
 
 from protocols.messages import ErrorInfo, GenerateRequest, SamplingParams
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PART = "text"
 IMAGE_PARTS = ("image_url", "image")  # {"type": "image_url", "image_url": {"url"}} or "image"
 MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
@@ -110,8 +111,14 @@ def parse_messages(messages: Any, accepts_images: bool) -> list[str]:
         where = f"messages.{i}"
         if not isinstance(message, dict):
             raise RequestInvalid(f"{where} must be an object", param=where)
-        if not isinstance(message.get("role"), str):
+        role = message.get("role")
+        if not isinstance(role, str):
             raise RequestInvalid(f"{where} needs a string 'role'", param=f"{where}.role")
+        if role not in CHAT_ROLES:
+            raise RequestInvalid(
+                f"{where}.role {role!r} is not one of {', '.join(CHAT_ROLES)}",
+                param=f"{where}.role",
+            )
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -167,6 +174,17 @@ def check_template_kwargs(kwargs: Any) -> None:
         )
 
 
+def check_image_count(n_images: int, limits: dict[str, int]) -> None:
+    """No more images than the server's --limit-mm-per-prompt allows (worded as vLLM)."""
+    limit = limits.get("image")
+    if limit is not None and n_images > limit:
+        raise RequestInvalid(
+            f"At most {limit} image(s) may be provided in one prompt (--limit-mm-per-prompt); "
+            f"this request has {n_images}",
+            param="messages",
+        )
+
+
 def check_image_placeholders(ids: list[int], image_token_id: int, n_images: int) -> None:
     """The chat template put exactly one placeholder per image."""
     placed = ids.count(image_token_id)
@@ -197,8 +215,10 @@ def mm_processor_kwargs(kwargs: Any) -> dict[str, int]:
 # ---------------------------------------------------------------- sampling
 
 
-def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
-    """Types and value ranges of every sampling field (names and ranges follow vLLM)."""
+def check_sampling(sp: SamplingParams, vocab_size: int, max_logprobs: int = MAX_LOGPROBS) -> None:
+    """Types and value ranges of every sampling field (names and ranges follow vLLM);
+    `max_logprobs` is the server's --max-logprobs (-1: up to the vocabulary)."""
+    top = vocab_size if max_logprobs < 0 else max_logprobs
     for name, (low, low_in, high) in _FLOAT_RANGES.items():
         value = getattr(sp, name)
         if not _is_number(value) or not (low <= value if low_in else low < value) or value > high:
@@ -211,11 +231,10 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
         raise RequestInvalid(f"max_tokens must be at least 1, got {sp.max_tokens!r}", "max_tokens")
     if not _is_int(sp.min_tokens) or sp.min_tokens < 0:
         raise RequestInvalid(f"min_tokens must be >= 0, got {sp.min_tokens!r}", "min_tokens")
-    if sp.logprobs is not None and (
-        not _is_int(sp.logprobs) or not 0 <= sp.logprobs <= MAX_LOGPROBS
-    ):
+    if sp.logprobs is not None and (not _is_int(sp.logprobs) or not 0 <= sp.logprobs <= top):
         raise RequestInvalid(
-            f"logprobs must be in [0, {MAX_LOGPROBS}] (top_logprobs for chat), got {sp.logprobs!r}",
+            f"logprobs must be in [0, {top}] (top_logprobs for chat; the server's "
+            f"--max-logprobs), got {sp.logprobs!r}",
             param="logprobs",
         )
     if sp.seed is not None and not _is_int(sp.seed):

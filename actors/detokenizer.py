@@ -158,7 +158,7 @@ class Streams:
 class DetokenizerActor(Stage):
     async def setup(self) -> dict[str, Any]:
         a = self.addresses
-        self.streams = Streams(TextTokenizer.load(self.config.model))
+        self.streams = Streams(TextTokenizer.load(self.config.tokenizer_path))
         self.inbox = self.transport.mailbox(a.detokenizers[self.index])
         self.to_gateway = self.transport.outbox(a.gateway)
         self.to_scheduler = self.transport.outbox(a.scheduler)

@@ -2,6 +2,7 @@
 
 A request and its abort go to the tokenizer replica that owns the request (so the abort can never
 overtake it); outputs and errors come back here and are routed to the client that asked.
+Tokenize and detokenize requests take the same way there and back.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from core.launch.addresses import owner
 from core.transport import Outbox
 from protocols.messages import (
     AbortRequest,
+    DetokenizeRequest,
     EngineFacts,
     ErrorInfo,
     GenerateRequest,
@@ -26,6 +28,8 @@ from protocols.messages import (
     OutputBatch,
     RequestError,
     RequestOutput,
+    TokenizeReply,
+    TokenizeRequest,
 )
 from protocols.stage import Stage
 
@@ -49,6 +53,7 @@ class GatewayActor(Stage):
                 {
                     OutputBatch: self.on_outputs,
                     RequestError: self.on_error,
+                    TokenizeReply: self.on_tokenize_reply,
                     ActorReady: self.on_engine_ready,
                 },
             )
@@ -74,33 +79,49 @@ class GatewayActor(Stage):
         elif isinstance(record, AbortRequest):
             if self.clients.pop(record.request_id, None) is not None:
                 await self._tokenizer(record.request_id).send(record)
+        elif isinstance(record, (TokenizeRequest, DetokenizeRequest)):
+            await self._tokenize(ident, record)
         elif isinstance(record, HealthRequest):
             ready = self.ready_facts is not None
             reply = HealthReply(record.request_id, ready=ready, facts=self.ready_facts)
             await self.front.send(ident, reply)
 
     async def _admit(self, ident: bytes, req: GenerateRequest) -> None:
-        try:
-            check_request_id(req.request_id)
-        except RequestInvalid as exc:
-            await self.front.send(ident, _error_batch(req.request_id, exc.error))
-            return
-        if req.request_id in self.clients:
-            err = ErrorInfo(
-                f"request id {req.request_id!r} is already in flight", param="request_id"
-            )
-            await self.front.send(ident, _error_batch(req.request_id, err))
-            return
-        if self.ready_facts is None:
-            err = ErrorInfo(
-                "the engine is still starting", type="ServiceUnavailableError", code=503
-            )
-            await self.front.send(ident, _error_batch(req.request_id, err))
+        error = self._refusal(req.request_id)
+        if error is not None:
+            await self.front.send(ident, _error_batch(req.request_id, error))
             return
         self.clients[req.request_id] = ident
         req.arrival_time = req.arrival_time or time.time()
         self.log.debug("request admitted", request_id=req.request_id)
         await self._tokenizer(req.request_id).send(req)
+
+    async def _tokenize(self, ident: bytes, req: TokenizeRequest | DetokenizeRequest) -> None:
+        error = self._refusal(req.request_id)
+        if error is not None:
+            await self.front.send(ident, TokenizeReply(req.request_id, error=error))
+            return
+        self.clients[req.request_id] = ident
+        await self._tokenizer(req.request_id).send(req)
+
+    def _refusal(self, request_id: str) -> ErrorInfo | None:
+        """Why a request with this id cannot enter now (bad or duplicate id, engine starting)."""
+        try:
+            check_request_id(request_id)
+        except RequestInvalid as exc:
+            return exc.error
+        if request_id in self.clients:
+            return ErrorInfo(f"request id {request_id!r} is already in flight", param="request_id")
+        if self.ready_facts is None:
+            return ErrorInfo(
+                "the engine is still starting", type="ServiceUnavailableError", code=503
+            )
+        return None
+
+    async def on_tokenize_reply(self, reply: TokenizeReply) -> None:
+        ident = self.clients.pop(reply.request_id, None)
+        if ident is not None:
+            await self.front.send(ident, reply)
 
     async def on_outputs(self, batch: OutputBatch) -> None:
         by_client: dict[bytes, list[RequestOutput]] = {}

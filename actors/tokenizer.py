@@ -2,6 +2,8 @@
 
 gateway -> here -> (image stage when the request has images) -> scheduler. A request that cannot
 run is refused here with a 400 and goes no further; aborts follow the request's path on.
+/tokenize and /detokenize are answered here too (gateway -> here -> gateway), with the very
+tokenizer and chat template generation uses.
 """
 
 from __future__ import annotations
@@ -12,23 +14,30 @@ from typing import Any
 from actors import admission, metrics
 from actors.admission import RequestInvalid
 from core.launch.addresses import owner
+from models.chat_template import compile_chat_template
 from models.detokenizer import PROMPT_CONTEXT
 from models.tokenizer import TextTokenizer, flatten_text_content
 from protocols.messages import (
     AbortRequest,
+    DetokenizeRequest,
     EngineRequest,
     ErrorInfo,
     GenerateRequest,
     PendingImages,
     RequestError,
     StreamOpen,
+    TokenizeReply,
+    TokenizeRequest,
 )
 from protocols.stage import Stage
 
 
 class TokenizerActor(Stage):
     async def setup(self) -> dict[str, Any]:
-        self.tokenizer = TextTokenizer.load(self.config.model)
+        self.tokenizer = TextTokenizer.load(self.config.tokenizer_path)
+        if self.config.chat_template is not None:  # --chat-template replaces the checkpoint's
+            compile_chat_template(self.config.chat_template)  # a broken one fails the start
+            self.tokenizer.chat_template = self.config.chat_template
         self.eos_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.facts.eos_token_ids))
         a = self.addresses
         self.inbox = self.transport.mailbox(a.tokenizers[self.index])
@@ -40,7 +49,13 @@ class TokenizerActor(Stage):
 
     async def run(self) -> None:
         await self.serve(
-            self.inbox, {GenerateRequest: self.on_request, AbortRequest: self.on_abort}
+            self.inbox,
+            {
+                GenerateRequest: self.on_request,
+                AbortRequest: self.on_abort,
+                TokenizeRequest: self.on_tokenize,
+                DetokenizeRequest: self.on_tokenize,
+            },
         )
 
     async def on_request(self, req: GenerateRequest) -> None:
@@ -74,14 +89,68 @@ class TokenizerActor(Stage):
             await self.to_images[owner(msg.request_id, len(self.to_images))].send(msg)
         await self.to_scheduler.send(msg)
 
+    async def on_tokenize(self, req: TokenizeRequest | DetokenizeRequest) -> None:
+        """Answer /tokenize or /detokenize; a refusal travels back in the reply."""
+        rid = req.request_id
+        try:
+            if isinstance(req, TokenizeRequest):
+                reply = self.tokenize(req)
+            else:
+                reply = self.detokenize(req)
+        except RequestInvalid as exc:
+            reply = TokenizeReply(rid, error=exc.error)
+        except Exception as exc:  # a bug must cost one request, never the stage
+            self.log.exception("tokenize error", request_id=rid)
+            err = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
+            reply = TokenizeReply(rid, error=err)
+        await self.to_gateway.send(reply)
+
+    def tokenize(self, req: TokenizeRequest) -> TokenizeReply:
+        """The ids generation would run for this prompt or these messages (text only)."""
+        if (req.prompt is None) == (req.messages is None):
+            raise RequestInvalid("give exactly one of prompt or messages")
+        if req.messages is not None:
+            ids, sources = self._render_chat(
+                req.messages,
+                req.add_generation_prompt,
+                req.chat_template_kwargs,
+                add_special_tokens=bool(req.add_special_tokens),
+            )
+            if sources:
+                raise RequestInvalid(
+                    "tokenizing messages with images is not supported yet: each image's "
+                    "placeholder count depends on the image stage",
+                    param="messages",
+                )
+        elif isinstance(req.prompt, str):
+            add_special = req.add_special_tokens is not False
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+        else:
+            raise RequestInvalid("prompt must be a string", param="prompt")
+        strs = None
+        if req.return_token_strs:
+            strs = [self.tokenizer.id_to_token(i) or "" for i in ids]
+        return TokenizeReply(req.request_id, ids, strs, max_model_len=self.facts.max_model_len)
+
+    def detokenize(self, req: DetokenizeRequest) -> TokenizeReply:
+        ids = req.token_ids
+        if not isinstance(ids, list):
+            raise RequestInvalid("tokens must be a list of token ids", param="tokens")
+        if ids:
+            admission.check_prompt_ids(ids, self.facts.vocab_size, "tokens")
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return TokenizeReply(req.request_id, text=text, max_model_len=self.facts.max_model_len)
+
     def admit(self, req: GenerateRequest) -> EngineRequest | PendingImages:
         """The request as the next stage takes it, or RequestInvalid."""
         param = admission.check_prompt_form(req)
         sp = req.sampling
-        admission.check_sampling(sp, self.facts.vocab_size)
+        admission.check_sampling(sp, self.facts.vocab_size, self.config.max_logprobs)
         sources: list[str] = []
         if req.messages is not None:
-            ids, sources = self._render_chat(req)
+            ids, sources = self._render_chat(
+                req.messages, req.add_generation_prompt, req.chat_template_kwargs
+            )
         elif req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
         else:
@@ -107,25 +176,29 @@ class TokenizerActor(Stage):
             arrival_time=req.arrival_time,
         )
 
-    def _render_chat(self, req: GenerateRequest) -> tuple[list[int], list[str]]:
+    def _render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+        add_special_tokens: bool = False,
+    ) -> tuple[list[int], list[str]]:
         """Chat template -> token ids, and the image sources in prompt order."""
         accepts_images = self.facts.accepts_images
-        sources = admission.parse_messages(req.messages, accepts_images)
-        admission.check_template_kwargs(req.chat_template_kwargs)
-        messages = req.messages or []
+        sources = admission.parse_messages(messages, accepts_images)
+        admission.check_image_count(len(sources), self.config.limit_mm_per_prompt)
+        admission.check_template_kwargs(template_kwargs)
         if not accepts_images:
             messages = flatten_text_content(messages)
         try:
             text = self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=req.add_generation_prompt,
-                **req.chat_template_kwargs,
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
             )
         except ValueError as exc:
             raise RequestInvalid(
                 f"cannot apply the chat template: {exc}", param="messages"
             ) from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if sources:
             assert self.facts.image_token_id is not None  # parse_messages refused images otherwise
             admission.check_image_placeholders(ids, self.facts.image_token_id, len(sources))

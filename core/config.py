@@ -1,14 +1,19 @@
 """Engine configuration: one dataclass built once from the command line and handed to every actor.
 
-Flag names follow vLLM where one exists; the seeds' aliases are accepted too.
+Flag names follow vLLM where one exists, and vLLM's serving flags are accepted: the ones Tessera
+implements act, the others are logged at start as having no effect. The seeds' aliases work too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
 
 import orjson
 
@@ -16,7 +21,10 @@ import orjson
 @dataclass
 class EngineConfig:
     model: str = ""  # HF checkpoint folder or .gguf file; "" = the embedded default
-    served_model_name: list[str] = field(default_factory=list)
+    served_model_name: list[str] = field(default_factory=list)  # listed by /v1/models
+    model_aliases: list[str] = field(default_factory=list)  # accepted too, not listed
+    tokenizer: str = ""  # tokenizer folder or .gguf file; "" = the model's own
+    chat_template: str | None = None  # template text replacing the checkpoint's; None = keep it
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -30,10 +38,13 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; overrides memory_utilization
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    enforce_eager: bool = False  # vLLM's: no graph capture / compilation
     tensor_parallel_size: int = 1
     tokenizer_workers: int = 1
     detokenizer_workers: int = 1
     image_workers: int = 1
+    max_logprobs: int = 20  # most top logprobs a request may ask for; -1 = the vocabulary
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # {"image": 2}; {} = none
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
     threads: int | None = None  # torch intra-op threads on CPU
@@ -43,10 +54,16 @@ class EngineConfig:
     tcp_host: str = "127.0.0.1"
     tcp_base_port: int = 0  # 0: pick free ports
     http: bool = True  # start the OpenAI HTTP server
+    root_path: str = ""  # the path prefix a proxy serves the API under
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; [] = no CORS headers
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    uvicorn_log_level: str = "warning"
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 60.0
     log_level: str = "info"
     log_stats_interval_s: float = 5.0
+    no_effect_flags: list[str] = field(default_factory=list)  # vLLM flags given; logged at start
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self))
@@ -59,38 +76,250 @@ class EngineConfig:
 
     @property
     def model_names(self) -> list[str]:
-        if self.served_model_name:
-            return self.served_model_name
-        return [os.path.basename(self.model.rstrip("/")) or self.model]
+        """The names /v1/models lists: --served-model-name, else --model as given (as vLLM)."""
+        return self.served_model_name or [self.model]
+
+    @property
+    def accepted_model_names(self) -> list[str]:
+        """Every name a request may send as `model`: the listed ones, then the aliases."""
+        names = list(self.model_names)
+        return names + [a for a in self.model_aliases if a not in names]
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.ssl_certfile)
+
+
+# ---------------------------------------------------------------- value types
+
+_DECIMAL_SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_int(text: str) -> int:
+    """An integer as vLLM's flags write it: "4096", "32k" = 32000 and "25.6k" = 25600 (decimal
+    suffixes k m g t), "32K" = 32768 (binary suffixes K M G T, whole numbers only)."""
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", value)
+    if match is None:
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid integer {text!r} (write e.g. 4096, 32k = 32000 or 32K = 32768)"
+            ) from None
+    number, suffix = match.groups()
+    if suffix in _DECIMAL_SUFFIX:
+        return int(Decimal(number) * _DECIMAL_SUFFIX[suffix])
+    if "." in number:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a binary suffix ({suffix}) takes a whole number; "
+            f"did you mean {number}{suffix.lower()}?"
+        )
+    return int(number) * _BINARY_SUFFIX[suffix]
+
+
+def modality_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: JSON such as '{"image": 2}' (or vLLM's older 'image=2,video=1')."""
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError:
+        pairs = [item.split("=", 1) for item in text.split(",")]
+        raw = {k: v for k, v in (p for p in pairs if len(p) == 2)} if "=" in text else None
+    if not isinstance(raw, dict) or not raw:
+        raise argparse.ArgumentTypeError(f'expected JSON like {{"image": 2}}, got {text!r}')
+    limits: dict[str, int] = {}
+    for modality, count in raw.items():
+        name = str(modality).strip()
+        try:
+            limits[name] = int(str(count).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"the limit for {name!r} must be an integer, got {count!r}"
+            ) from None
+        if limits[name] < 0:
+            raise argparse.ArgumentTypeError(f"the limit for {name!r} must be >= 0")
+    return limits
+
+
+def json_string_list(text: str) -> list[str]:
+    """--allowed-origins: a JSON list of strings, as vLLM takes it ('["https://a.example"]')."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return value
+
+
+_TEMPLATE_CHARS = "{}\n"
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it is an inline template (it
+    holds template characters; escapes such as \\n in it are decoded, as vLLM does)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if not any(c in value for c in _TEMPLATE_CHARS):
+        raise ValueError(f"--chat-template {value!r}: no such file, and not an inline template")
+    return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+# ---------------------------------------------------------------- the parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Ends every flag's help with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        default = action.default
+        shown = "none" if default in (None, "", []) else str(default).replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
+class _NoEffect(argparse.Action):
+    """A vLLM flag Tessera accepts so vLLM command lines start, but does not act on; the flag
+    (and its value) is kept for the start-up log line that says so."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = f"{option_string} {values}" if self.nargs != 0 else str(option_string)
+        namespace.no_effect_flags = [*getattr(namespace, "no_effect_flags", []), given]
+
+
+# vLLM serving flags that change nothing here: (flags, takes a value, why).
+NO_EFFECT_FLAGS: list[tuple[list[str], bool, str]] = [
+    (
+        ["--trust-remote-code", "--no-trust-remote-code"],
+        False,
+        "no checkpoint code is ever run: architectures are built in",
+    ),
+    (
+        ["--generation-config"],
+        True,
+        "the checkpoint's generation_config.json sampling defaults are not applied yet",
+    ),
+    (
+        ["--enable-auto-tool-choice", "--no-enable-auto-tool-choice"],
+        False,
+        "tool calls are not parsed yet",
+    ),
+    (["--tool-call-parser"], True, "tool calls are not parsed yet"),
+    (
+        ["--disable-log-requests", "--no-disable-log-requests"],
+        False,
+        "request events are logged only at --log-level debug",
+    ),
+    (["--swap-space"], True, "a preempted request recomputes its KV; nothing is swapped"),
+    (
+        ["--disable-frontend-multiprocessing", "--no-disable-frontend-multiprocessing"],
+        False,
+        "the HTTP adapter is always its own process",
+    ),
+    (["--max-seq-len-to-capture"], True, "no graphs are captured"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = EngineConfig()
-    p = argparse.ArgumentParser(prog="python -m core.launch", description="Start a Tessera engine.")
+    p = argparse.ArgumentParser(
+        prog="python -m core.launch",
+        description="Start a Tessera engine.",
+        allow_abbrev=False,  # "--tokenizer X" must never become "--tokenizer-workers X"
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        default=None,
+        help="the model, as in `vllm serve MODEL`; same as --model (default: --model's)",
+    )
     p.add_argument(
         "--model",
         default=d.model,
         help="HF checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--served-model-name", nargs="+", default=[], help="names clients may use")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"))
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda", "npu", "tpu"])
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        help="names clients may send as `model` (default: --model as given, plus its folder or "
+        "file name as an unlisted alias)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=d.tokenizer,
+        help="tokenizer folder or .gguf file, with its chat template (default: the model's)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a chat template file, or the template itself, replacing the checkpoint's "
+        "(default: the checkpoint's)",
+    )
+    p.add_argument("--host", default=d.host, help="HTTP listen address")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP listen port")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (default: $TESSERA_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--device",
+        default=d.device,
+        choices=["auto", "cpu", "cuda", "npu", "tpu"],
+        help="auto picks CUDA, then NPU, then TPU, then CPU",
+    )
     p.add_argument(
         "--dtype",
         default=d.dtype,
         choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16"],
+        help="weights and activations; auto = bfloat16 where the device computes it natively",
     )
-    p.add_argument("--max-model-len", "--max_model_len", type=int, default=None)
-    p.add_argument("--max-num-seqs", "--max_num_seqs", type=int, default=d.max_num_seqs)
+    p.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="only 'none': Tessera has no quantized kernels yet (default: none)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        "--max_model_len",
+        type=human_readable_int,
+        default=None,
+        help="longest prompt + completion, e.g. 4096, 32k (32000) or 32K (32768) (default: the "
+        "model's max_position_embeddings, capped to the KV pool)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        "--max_num_seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="most requests in the running batch",
+    )
     p.add_argument(
         "--max-num-batched-tokens",
         "--max_num_batched_tokens",
-        type=int,
+        type=human_readable_int,
         default=d.max_num_batched_tokens,
+        help="token budget of one step, shared by decodes and prefill chunks",
     )
-    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
     p.add_argument(
         "--memory-utilization",
         "--gpu-memory-utilization",
@@ -99,45 +328,182 @@ def build_parser() -> argparse.ArgumentParser:
         dest="memory_utilization",
         type=float,
         default=d.memory_utilization,
+        help="share of free device memory for the KV pool",
     )
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV pool size in bytes")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=human_readable_int,
+        default=None,
+        help="KV pool size in bytes (e.g. 4G); overrides --memory-utilization (default: none)",
+    )
     p.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=d.enable_prefix_caching,
+        help="reuse KV blocks of identical prompt prefixes",
     )
     p.add_argument(
         "--enable-chunked-prefill",
         action=argparse.BooleanOptionalAction,
         default=d.enable_chunked_prefill,
+        help="split long prompts across steps",
     )
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
-    p.add_argument("--tokenizer-workers", type=int, default=d.tokenizer_workers)
-    p.add_argument("--detokenizer-workers", type=int, default=d.detokenizer_workers)
-    p.add_argument("--image-workers", type=int, default=d.image_workers)
-    p.add_argument("--allowed-local-media-path", default=None)
-    p.add_argument("--allowed-media-domains", nargs="*", default=[])
-    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--run-dir", default="", help="folder for ipc sockets (default: private tmp)")
-    p.add_argument("--transport", choices=["ipc", "tcp"], default=d.transport)
-    p.add_argument("--tcp-host", default=d.tcp_host)
-    p.add_argument("--tcp-base-port", type=int, default=d.tcp_base_port)
-    p.add_argument("--no-http", dest="http", action="store_false", help="engine only (ZMQ SDK)")
-    p.add_argument("--log-level", default=d.log_level)
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=d.enforce_eager,
+        help="run the model eagerly, without graph capture or compilation",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=d.tensor_parallel_size,
+        help="ranks to shard the model over (only 1 for now)",
+    )
+    p.add_argument(
+        "--tokenizer-workers",
+        type=int,
+        default=d.tokenizer_workers,
+        help="tokenizer stage processes",
+    )
+    p.add_argument(
+        "--detokenizer-workers",
+        type=int,
+        default=d.detokenizer_workers,
+        help="detokenizer stage processes",
+    )
+    p.add_argument(
+        "--image-workers",
+        type=int,
+        default=d.image_workers,
+        help="image preprocessor stage processes",
+    )
+    p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=d.max_logprobs,
+        help="most top logprobs a request may ask for (logprobs / top_logprobs); -1: no limit",
+    )
+    p.add_argument(
+        "--limit-mm-per-prompt",
+        type=modality_limits,
+        default={},
+        help="most items of a modality in one request, as JSON: '{\"image\": 2}' "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="local image files are allowed only under this folder (default: none allowed)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="*",
+        default=[],
+        help="image URLs must be on these hosts (default: any public host)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on CPU (default: adaptive, the cores other processes leave free)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of unseeded sampling")
+    p.add_argument(
+        "--run-dir",
+        default="",
+        help="folder for ipc sockets (default: a private /tmp/tessera-* folder)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=["ipc", "tcp"],
+        default=d.transport,
+        help="socket kind between stages",
+    )
+    p.add_argument("--tcp-host", default=d.tcp_host, help="host of the tcp:// stage sockets")
+    p.add_argument(
+        "--tcp-base-port",
+        type=int,
+        default=d.tcp_base_port,
+        help="first tcp:// stage port; 0 picks free ports",
+    )
+    p.add_argument(
+        "--no-http",
+        dest="http",
+        action="store_false",
+        help="engine only, for the ZMQ SDK (default: HTTP on)",
+    )
+    p.add_argument(
+        "--root-path",
+        default=d.root_path,
+        help="path prefix the API is served under behind a proxy (default: none)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=json_string_list,
+        default=[],
+        help="CORS origins as a JSON list, e.g. '[\"*\"]' (default: no CORS headers)",
+    )
+    p.add_argument("--ssl-keyfile", default=None, help="TLS private key file for HTTPS")
+    p.add_argument("--ssl-certfile", default=None, help="TLS certificate file for HTTPS")
+    p.add_argument(
+        "--uvicorn-log-level",
+        default=d.uvicorn_log_level,
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn's own log level (info logs every HTTP request)",
+    )
+    p.add_argument("--log-level", default=d.log_level, help="engine log level")
     p.add_argument(
         "--log-stats-interval",
         dest="log_stats_interval_s",
         type=float,
         default=d.log_stats_interval_s,
+        help="seconds between engine-stats log lines; 0 turns them off",
     )
+    p.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="no periodic engine-stats log line (default: logged)",
+    )
+    for flags, takes_value, why in NO_EFFECT_FLAGS:
+        p.add_argument(
+            *flags,
+            dest="no_effect_flags",
+            action=_NoEffect,
+            nargs=None if takes_value else 0,
+            metavar="VALUE" if takes_value else None,
+            default=argparse.SUPPRESS,
+            help=f"vLLM flag, accepted with no effect here: {why} (default: unset)",
+        )
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    cfg = EngineConfig(**vars(ns))
+    values = vars(parser.parse_args(argv))
+    values.setdefault("no_effect_flags", [])
+    positional = values.pop("model_tag")
+    if positional:
+        if values["model"] and values["model"] != positional:
+            parser.error(f"two models given: {positional!r} and --model {values['model']!r}")
+        values["model"] = positional
+    quantization = values.pop("quantization")
+    if quantization is not None and quantization.lower() != "none":
+        parser.error(
+            f"--quantization {quantization}: Tessera has no quantized kernels yet (GGUF files "
+            "are dequantized when loaded); serve unquantized weights or drop the flag"
+        )
+    if values.pop("disable_log_stats"):
+        values["log_stats_interval_s"] = 0.0
+    if values["api_key"] is None:
+        values["api_key"] = os.environ.get("TESSERA_API_KEY")
+    if values["chat_template"] is not None:
+        try:
+            values["chat_template"] = load_chat_template(values["chat_template"])
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    cfg = EngineConfig(**values)
     for name in (
         "max_num_seqs",
         "max_num_batched_tokens",
@@ -151,8 +517,12 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.max_model_len is not None and cfg.max_model_len < 1:
         parser.error("--max-model-len must be at least 1")
+    if cfg.max_logprobs < -1:
+        parser.error("--max-logprobs must be -1 (no limit) or at least 0")
     if not 0 < cfg.memory_utilization <= 1:
         parser.error("--memory-utilization must be in (0, 1]")
+    if bool(cfg.ssl_keyfile) != bool(cfg.ssl_certfile):
+        parser.error("--ssl-keyfile and --ssl-certfile go together")
     if cfg.tensor_parallel_size > 1:
         parser.error(
             "--tensor-parallel-size > 1 is not implemented yet (the wire and the "

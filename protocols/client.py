@@ -19,6 +19,7 @@ import zmq.asyncio
 from core.codec import CodecError, decode, encode
 from protocols.messages import (
     AbortRequest,
+    DetokenizeRequest,
     ErrorInfo,
     GenerateRequest,
     HealthReply,
@@ -26,6 +27,8 @@ from protocols.messages import (
     OutputBatch,
     RequestOutput,
     SamplingParams,
+    TokenizeReply,
+    TokenizeRequest,
 )
 
 
@@ -66,7 +69,7 @@ class AsyncEngineClient:
                     q = self.queues.get(out.request_id)
                     if q is not None:
                         q.put_nowait(out)
-            elif isinstance(record, HealthReply):
+            elif isinstance(record, (HealthReply, TokenizeReply)):
                 q = self.queues.get(record.request_id)
                 if q is not None:
                     q.put_nowait(record)
@@ -112,6 +115,20 @@ class AsyncEngineClient:
             return await asyncio.wait_for(q.get(), timeout)
         finally:
             self.queues.pop(rid, None)
+
+    async def tokenize(
+        self, request: TokenizeRequest | DetokenizeRequest, timeout: float = 60.0
+    ) -> TokenizeReply:
+        """Token ids of a prompt or chat messages (TokenizeRequest), or the text of token ids
+        (DetokenizeRequest), from the engine's own tokenizer; a refusal is in `reply.error`."""
+        self._ensure_reader()
+        q: asyncio.Queue[TokenizeReply] = asyncio.Queue()
+        self.queues[request.request_id] = q
+        try:
+            await self._send(request)
+            return await asyncio.wait_for(q.get(), timeout)
+        finally:
+            self.queues.pop(request.request_id, None)
 
     async def wait_ready(self, timeout: float = 300.0) -> HealthReply:
         loop = asyncio.get_running_loop()
@@ -177,6 +194,11 @@ class EngineClient:
 
     def complete(self, request: GenerateRequest) -> RequestOutput:
         return self._call(self._client.complete(request))
+
+    def tokenize(
+        self, request: TokenizeRequest | DetokenizeRequest, timeout: float = 60.0
+    ) -> TokenizeReply:
+        return self._call(self._client.tokenize(request, timeout))
 
     def complete_many(self, requests: list[GenerateRequest]) -> list[RequestOutput | EngineError]:
         """Submit all at once (they batch together in the engine); results in order."""

@@ -86,6 +86,47 @@ class HealthReply(Record):
     facts: EngineFacts | None = None
 
 
+@wire("tokenize")
+@dataclass
+class TokenizeRequest(Record):
+    """Token ids of a prompt or of chat messages, made exactly as generation makes them (same
+    tokenizer, chat template and rules). Client -> gateway -> tokenizer stage -> TokenizeReply.
+
+    Exactly one of prompt or messages is set; `add_special_tokens` None means as generation does
+    (BOS and the like added to a prompt, not to a rendered chat)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    return_token_strs: bool = False
+
+
+@wire("detokenize")
+@dataclass
+class DetokenizeRequest(Record):
+    """The text of token ids (special tokens kept). Client -> gateway -> tokenizer stage."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+@wire("tokenize_reply")
+@dataclass
+class TokenizeReply(Record):
+    """The answer to a TokenizeRequest (token_ids, token_strs) or a DetokenizeRequest (text),
+    or the error that refused it."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    token_strs: list[str] | None = None
+    text: str = ""
+    max_model_len: int = 0
+    error: ErrorInfo | None = None
+
+
 @dataclass
 class TokenLogprob:
     token_id: int

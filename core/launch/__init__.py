@@ -46,6 +46,8 @@ def run(config: EngineConfig) -> int:
         notify_ready=[wiring.gateway],
         owns_run_dir=owns_run_dir,
     )
+    for flag in config.no_effect_flags:
+        sup.log.info("vLLM flag accepted; it has no effect here", flag=flag)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     front_file = os.path.join(config.run_dir, "front")  # where SDK clients find the front door
@@ -54,7 +56,9 @@ def run(config: EngineConfig) -> int:
         sup.start()
         with open(front_file, "w") as f:
             f.write(wiring.front)
-        where = f"http://{config.host}:{config.port}/v1" if config.http else "(no HTTP)"
+        scheme = "https" if config.uses_tls else "http"
+        where = f"{scheme}://{config.host}:{config.port}/v1"
+        where = where if config.http else "(no HTTP)"
         sup.log.info(
             "engine ready",
             model=config.model_names[0],

@@ -26,7 +26,9 @@ def default_model_path() -> str:
 
 
 def resolve_model(config: EngineConfig) -> None:
-    """Fill in the default model, or check that the given one exists; make the path absolute."""
+    """Fill in the default model, or check that the given model (and tokenizer) exist; make the
+    paths absolute. Unless --served-model-name says otherwise, clients name the model by the
+    --model string as given (as vLLM does), or by its folder or file name (an unlisted alias)."""
     if not config.model:
         config.model = default_model_path()
         if not config.served_model_name:
@@ -36,4 +38,16 @@ def resolve_model(config: EngineConfig) -> None:
             f"--model {config.model!r}: no such file or folder (models are loaded "
             "from local HF checkpoint folders or .gguf files)"
         )
+    elif not config.served_model_name:
+        config.served_model_name = [config.model]
+        base = os.path.basename(config.model.rstrip("/"))
+        if base and base != config.model and base not in config.model_aliases:
+            config.model_aliases.append(base)
     config.model = os.path.abspath(config.model)
+    if config.tokenizer:
+        if not os.path.exists(config.tokenizer):
+            raise SystemExit(
+                f"--tokenizer {config.tokenizer!r}: no such file or folder (a local folder with "
+                "tokenizer.json, or a .gguf file)"
+            )
+        config.tokenizer = os.path.abspath(config.tokenizer)

@@ -18,15 +18,31 @@ import anyio
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import EngineConfig
-from protocols.messages import EngineFacts, ErrorInfo, GenerateRequest, RequestOutput
+from protocols.messages import (
+    DetokenizeRequest,
+    EngineFacts,
+    ErrorInfo,
+    GenerateRequest,
+    RequestOutput,
+    TokenizeReply,
+    TokenizeRequest,
+)
 from protocols.openai import convert
 from protocols.openai.convert import Collected, OpenAIError, error_body
-from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
+from protocols.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeBody,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from protocols.openai.stream import ChatChunks, ChunkRenderer, CompletionChunks, close_quietly, sse
 
 if TYPE_CHECKING:
@@ -104,9 +120,26 @@ async def _collect(
         await close_quietly(outputs)
 
 
+async def _tokenize_body(request: Request) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """/tokenize takes vLLM's two bodies: with `messages` a chat, else a prompt."""
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(f"the body is not valid JSON: {exc}") from exc
+    schema = (
+        TokenizeChatRequest
+        if isinstance(data, dict) and "messages" in data
+        else TokenizeCompletionRequest
+    )
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
 def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
     """The OpenAI-compatible app over one engine client; `config` gives names and the API key."""
-    served = config.model_names
+    served = config.accepted_model_names  # what a request may name; /v1/models lists model_names
     engine: EngineFacts | None = None  # the engine's facts, once a health check returned them
     try:
         tessera_version = version("tessera")
@@ -126,8 +159,16 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
                 code=401,
             )
 
-    app = FastAPI(title="Tessera", version=tessera_version)
+    app = FastAPI(title="Tessera", version=tessera_version, root_path=config.root_path)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    tokens = APIRouter(dependencies=[Depends(check_api_key)])
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError) -> Response:
@@ -236,15 +277,47 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
     @v1.get("/models")
     async def list_models() -> Response:
         facts = await engine_facts()
-        return json_response({"object": "list", "data": [model_card(n, facts) for n in served]})
+        cards = [model_card(n, facts) for n in config.model_names]
+        return json_response({"object": "list", "data": cards})
 
     @v1.get("/models/{name:path}")
     async def retrieve_model(name: str) -> Response:
         convert.resolve_model(name, served)
         return json_response(model_card(name, await engine_facts()))
 
-    app.include_router(v1)
+    async def tokenizer_reply(record: TokenizeRequest | DetokenizeRequest) -> TokenizeReply:
+        """The tokenizer stage's answer; a refusal raises the OpenAIError it carries."""
+        try:
+            reply = await client.tokenize(record)
+        except TimeoutError as exc:
+            raise OpenAIError(
+                "the engine did not answer in time", type="ServiceUnavailableError", code=503
+            ) from exc
+        if reply.error is not None:
+            e = reply.error
+            raise OpenAIError(e.message, type=e.type, param=e.param, code=e.code)
+        return reply
 
+    @tokens.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: the prompt's or the messages' token ids, as generation makes them."""
+        body = await _tokenize_body(request)
+        convert.resolve_model(body.model, served)
+        record = convert.tokenize_request(body, "tok-" + uuid.uuid4().hex)
+        return json_response(convert.tokenize_response(await tokenizer_reply(record)))
+
+    @tokens.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> Response:
+        """vLLM's /detokenize: {"tokens": [...]} -> {"prompt": text}."""
+        convert.resolve_model(body.model, served)
+        record = convert.detokenize_request(body, "detok-" + uuid.uuid4().hex)
+        return json_response({"prompt": (await tokenizer_reply(record)).text})
+
+    app.include_router(v1)
+    app.include_router(tokens)
+
+    @app.get("/ping")
+    @app.post("/ping")
     @app.get("/health")
     async def health() -> Response:
         nonlocal engine

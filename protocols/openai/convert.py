@@ -12,14 +12,24 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from protocols.messages import (
+    DetokenizeRequest,
     ErrorInfo,
     GenerateRequest,
     PositionLogprobs,
     RequestOutput,
     SamplingParams,
+    TokenizeReply,
+    TokenizeRequest,
     TokenLogprob,
 )
-from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from protocols.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeBody,
+    SamplingFields,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
@@ -129,6 +139,45 @@ def completion_request(req: CompletionRequest, request_id: str) -> GenerateReque
         return GenerateRequest(request_id, sampling, prompt=prompt, arrival_time=time.time())
     ids = [int(t) for t in cast("list[int]", prompt)]
     return GenerateRequest(request_id, sampling, prompt_token_ids=ids, arrival_time=time.time())
+
+
+def tokenize_request(
+    req: TokenizeCompletionRequest | TokenizeChatRequest, request_id: str
+) -> TokenizeRequest:
+    """vLLM's /tokenize body as the tokenizer stage's record."""
+    if isinstance(req, TokenizeCompletionRequest):
+        return TokenizeRequest(
+            request_id,
+            prompt=req.prompt,
+            add_special_tokens=req.add_special_tokens,
+            return_token_strs=req.return_token_strs,
+        )
+    if req.continue_final_message:
+        raise OpenAIError(
+            "continue_final_message is not supported yet", param="continue_final_message"
+        )
+    return TokenizeRequest(
+        request_id,
+        messages=req.messages,
+        add_special_tokens=req.add_special_tokens,
+        add_generation_prompt=req.add_generation_prompt,
+        chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+        return_token_strs=req.return_token_strs,
+    )
+
+
+def detokenize_request(req: DetokenizeBody, request_id: str) -> DetokenizeRequest:
+    return DetokenizeRequest(request_id, token_ids=list(req.tokens))
+
+
+def tokenize_response(reply: TokenizeReply) -> dict[str, Any]:
+    """vLLM's TokenizeResponse: count, max_model_len, tokens, token_strs (null unless asked)."""
+    return {
+        "count": len(reply.token_ids),
+        "max_model_len": reply.max_model_len,
+        "tokens": reply.token_ids,
+        "token_strs": reply.token_strs,
+    }
 
 
 # ---------------------------------------------------------------- outputs

@@ -2,27 +2,46 @@
 
 First stop of an HTTP request: FastAPI checks the body's types against these before `convert`
 runs. Value rules (ranges, limits) are the engine's, checked once for every request by
-actors/admission.py, so SDK and HTTP requests meet the same rules.
+actors/admission.py, so SDK and HTTP requests meet the same rules. Fields a body declares
+nowhere here are dropped, each name logged once (debug level).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+import structlog
+from pydantic import BaseModel, ConfigDict, model_validator
+
+_unknown_seen: set[str] = set()  # field names already logged
 
 
-class StreamOptions(BaseModel):
+class Body(BaseModel):
+    """A request body (or part of one): unknown fields are ignored, as OpenAI's API does, and
+    each unknown field name is logged the first time it is seen."""
+
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in sorted(str(k) for k in data.keys() - cls.model_fields.keys()):
+                if name not in _unknown_seen:
+                    _unknown_seen.add(name)
+                    structlog.get_logger().debug(
+                        "unknown request field ignored", actor="http", field=name, body=cls.__name__
+                    )
+        return data
+
+
+class StreamOptions(Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted, not implemented
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """Fields shared by chat and text completions; names follow OpenAI and vLLM."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -63,3 +82,31 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+
+class TokenizeCompletionRequest(Body):
+    """vLLM's /tokenize body for a plain prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(Body):
+    """vLLM's /tokenize body for chat messages, rendered with the server's chat template."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeBody(Body):
+    """vLLM's /detokenize body (its DetokenizeRequest)."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -43,23 +43,29 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class OpenAIServerActor(Stage):
-    """Serves /v1/chat/completions, /v1/completions, /v1/models, /health and /version."""
+    """Serves the OpenAI routes (/v1/...), /tokenize, /detokenize, /health, /ping, /metrics and
+    /version."""
 
     async def setup(self) -> dict[str, Any]:
         self.client = AsyncEngineClient(self.addresses.front)
         self.app = build_app(self.client, self.config)
         self.sock = bind(self.config.host, self.config.port)
         port = self.sock.getsockname()[1]
+        c = self.config
         config = uvicorn.Config(
             self.app,
-            host=self.config.host,
+            host=c.host,
             port=port,
-            log_level="warning",
+            log_level=c.uvicorn_log_level,
             lifespan="off",
             timeout_graceful_shutdown=STOP_GRACE_S,
+            root_path=c.root_path,
+            ssl_keyfile=c.ssl_keyfile,
+            ssl_certfile=c.ssl_certfile,
         )
+        config.load()  # now, so a bad TLS key or certificate fails the start, not the first request
         self.server = EmbeddedServer(config)
-        url = f"http://{self.config.host}:{port}"
+        url = f"{'https' if c.uses_tls else 'http'}://{c.host}:{port}"
         self.log.info("openai server listening", url=url, models=self.config.model_names)
         return {"url": url, "port": port}
 

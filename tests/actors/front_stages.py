@@ -80,11 +80,14 @@ class Peers:
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, engine: EngineFacts, with_images: bool = False
+    tmp_path: Path, engine: EngineFacts, with_images: bool = False, **config_fields: Any
 ) -> AsyncIterator[Peers]:
-    """The tokenizer stage (and the image stage if asked) serving while the block runs."""
+    """The tokenizer stage (and the image stage if asked) serving while the block runs;
+    `config_fields` set EngineConfig fields (the flags under test)."""
     addresses, _ = make_addresses("ipc", str(tmp_path), 1, 1, 1, 1)
-    config = EngineConfig(model=str(model_folder(tmp_path / "model")), log_level="warning")
+    config = EngineConfig(
+        model=str(model_folder(tmp_path / "model")), log_level="warning", **config_fields
+    )
     classes: dict[str, type[Stage]] = {"tokenizer0": TokenizerActor}
     if with_images:
         classes["images0"] = ImagePreprocessorActor

@@ -80,6 +80,14 @@ def test_sampling_values_at_their_bounds_pass(kw: dict[str, Any]) -> None:
     admission.check_sampling(SamplingParams(**kw), VOCAB)
 
 
+def test_max_logprobs_is_the_servers_limit() -> None:
+    admission.check_sampling(SamplingParams(logprobs=3), VOCAB, 3)
+    message = refused("logprobs", admission.check_sampling, SamplingParams(logprobs=4), VOCAB, 3)
+    assert "[0, 3]" in message and "--max-logprobs" in message
+    admission.check_sampling(SamplingParams(logprobs=VOCAB), VOCAB, -1)  # -1: the vocabulary
+    refused("logprobs", admission.check_sampling, SamplingParams(logprobs=VOCAB + 1), VOCAB, -1)
+
+
 # ---------------------------------------------------------------- max_tokens and min_tokens
 
 
@@ -182,6 +190,7 @@ def test_image_sources_in_prompt_order_in_every_accepted_form() -> None:
         ([{"content": "no role"}], "messages.0.role"),
         ([{"role": "user", "content": "a"}, {"role": 3, "content": "b"}], "messages.1.role"),
         ([{"role": "user", "content": 5}], "messages.0.content"),
+        ([{"role": "wizard", "content": "abracadabra"}], "messages.0.role"),
         (user("not an object"), "messages.0.content.0"),
         (user(TEXT, {"text": "a part without type"}), "messages.0.content.1.type"),
         (user({"image_url": {"url": "data:a"}}), "messages.0.content.0.type"),
@@ -193,6 +202,23 @@ def test_image_sources_in_prompt_order_in_every_accepted_form() -> None:
 )
 def test_malformed_messages_are_refused_naming_the_part(messages: Any, param: str) -> None:
     refused(param, admission.parse_messages, messages, True)
+
+
+def test_every_openai_role_is_accepted_and_others_are_named() -> None:
+    messages = [{"role": role, "content": "x"} for role in admission.CHAT_ROLES]
+    assert admission.parse_messages(messages, accepts_images=False) == []
+    message = refused(
+        "messages.0.role", admission.parse_messages, [{"role": "wizard", "content": "x"}], False
+    )
+    assert "'wizard' is not one of system, developer, user, assistant, tool" in message
+
+
+def test_images_beyond_the_servers_limit_are_refused() -> None:
+    admission.check_image_count(2, {"image": 2})
+    admission.check_image_count(9, {})  # no --limit-mm-per-prompt: no limit
+    admission.check_image_count(9, {"video": 0})
+    message = refused("messages", admission.check_image_count, 3, {"image": 2})
+    assert message.startswith("At most 2 image(s) may be provided in one prompt")
 
 
 def test_a_part_without_type_is_refused_with_a_clear_message() -> None:

@@ -1,9 +1,11 @@
 """The gateway over real sockets with the real SDK client: it is ready (with the engine facts) once
 the supervisor's notice arrives, routes a request and its abort to the tokenizer replica that owns
-the request, and routes outputs and refusals back to the client that asked."""
+the request, and routes outputs and refusals back to the client that asked; tokenize and
+detokenize requests take the same way there and back."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -17,22 +19,27 @@ from core.transport import Mailbox, Outbox, Transport
 from protocols.client import AsyncEngineClient
 from protocols.messages import (
     AbortRequest,
+    DetokenizeRequest,
     ErrorInfo,
     GenerateRequest,
     OutputBatch,
     RequestError,
     RequestOutput,
+    TokenizeReply,
+    TokenizeRequest,
 )
 from tests.actors.front_stages import RECV_LIMIT_S, facts
 
 TOKENIZERS = 3
+Body = Callable[[AsyncEngineClient, list[Mailbox], Outbox], Awaitable[None]]
 
 
-def test_readiness_routing_and_aborts(tmp_path: Path) -> None:
+def serve_gateway(tmp_path: Path, body: Body) -> None:
+    """A real gateway on real sockets; `body` gets the SDK client, the tokenizers' mailboxes and
+    a way into the gateway's own mailbox."""
     addresses, _ = make_addresses("ipc", str(tmp_path), 1, TOKENIZERS, 1, 1)
-    engine = facts(images=False)
     gateway = GatewayActor(
-        ActorSpec("gateway", "", ready_info=engine.to_info()),
+        ActorSpec("gateway", "", ready_info=facts(images=False).to_info()),
         EngineConfig(log_level="warning"),
         addresses.to_dict(),
     )
@@ -53,6 +60,12 @@ def test_readiness_routing_and_aborts(tmp_path: Path) -> None:
             client.close()
             t.close()
             gateway.transport.close()
+
+    anyio.run(main)
+
+
+def test_readiness_routing_and_aborts(tmp_path: Path) -> None:
+    engine = facts(images=False)
 
     async def body(
         client: AsyncEngineClient, tokenizers: list[Mailbox], to_gateway: Outbox
@@ -94,4 +107,32 @@ def test_readiness_routing_and_aborts(tmp_path: Path) -> None:
         assert outputs[failed][-1].error == ErrorInfo("no", param="prompt")
         assert outputs[aborted][-1].finish_reason == "abort"  # the SDK ends an aborted stream
 
-    anyio.run(main)
+    serve_gateway(tmp_path, body)
+
+
+def test_tokenize_requests_go_to_their_tokenizer_and_back(tmp_path: Path) -> None:
+    engine = facts(images=False)
+
+    async def body(
+        client: AsyncEngineClient, tokenizers: list[Mailbox], to_gateway: Outbox
+    ) -> None:
+        early = await client.tokenize(TokenizeRequest("early", prompt="x"))
+        assert early.error is not None and early.error.code == 503
+        await to_gateway.send(ActorReady("supervisor", 1, engine.to_info()))
+        await client.wait_ready(timeout=RECV_LIMIT_S)
+
+        async def tokenizer_answers(rid: str, reply: TokenizeReply) -> None:
+            got = await tokenizers[owner(rid, TOKENIZERS)].recv()
+            assert got.request_id == rid
+            await to_gateway.send(reply)
+
+        cases: list[tuple[TokenizeRequest | DetokenizeRequest, TokenizeReply]] = [
+            (TokenizeRequest("t1", prompt="Hi"), TokenizeReply("t1", [1, 2], max_model_len=512)),
+            (DetokenizeRequest("d1", [1, 2]), TokenizeReply("d1", text="Hi")),
+        ]
+        for request, reply in cases:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tokenizer_answers, request.request_id, reply)
+                assert await client.tokenize(request) == reply
+
+    serve_gateway(tmp_path, body)

@@ -1,9 +1,12 @@
 """The tokenizer stage over real sockets: a text request opens its stream then goes to the
-scheduler, an image request goes to the image stage, refusals go to the gateway only, and an
-abort follows the request's path (image stage and scheduler)."""
+scheduler, an image request goes to the image stage, refusals go to the gateway only, an abort
+follows the request's path (image stage and scheduler), and tokenize / detokenize requests are
+answered to the gateway with generation's own tokenizer, chat template and limits."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,15 @@ from models.detokenizer import PROMPT_CONTEXT
 from models.tokenizer import TextTokenizer
 from protocols.messages import (
     AbortRequest,
+    DetokenizeRequest,
     EngineRequest,
     GenerateRequest,
     PendingImages,
     RequestError,
     SamplingParams,
     StreamOpen,
+    TokenizeReply,
+    TokenizeRequest,
 )
 from tests.actors.front_stages import Peers, data_url, facts, running
 from tests.fixtures.checkpoints import QWEN_EOS, tokenizer_dir
@@ -32,9 +38,11 @@ def chat(rid: str, *parts: Any, **sampling: Any) -> GenerateRequest:
     )
 
 
-def run(tmp_path: Path, body: Any, images: bool = True, max_model_len: int = 512) -> None:
+def run(
+    tmp_path: Path, body: Any, images: bool = True, max_model_len: int = 512, **config: Any
+) -> None:
     async def main() -> None:
-        async with running(tmp_path, facts(images, max_model_len)) as peers:
+        async with running(tmp_path, facts(images, max_model_len), **config) as peers:
             await body(peers)
 
     anyio.run(main)
@@ -148,3 +156,100 @@ def test_an_abort_goes_to_the_image_stage_and_the_scheduler(tmp_path: Path) -> N
             assert isinstance(got, AbortRequest) and got.request_id == "gone"
 
     run(tmp_path, body)
+
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+def test_tokenize_gives_the_ids_generation_runs(tmp_path: Path) -> None:
+    tok = TextTokenizer.load(str(tokenizer_dir()))
+
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(GenerateRequest("gen", messages=HELLO))
+        await peers.to_tokenizer.send(TokenizeRequest("chat", messages=HELLO))
+        await peers.to_tokenizer.send(TokenizeRequest("text", prompt="Hi", return_token_strs=True))
+        generated = await peers.next(peers.scheduler)
+        chat_reply, text_reply = [await peers.next(peers.gateway) for _ in range(2)]
+        assert isinstance(chat_reply, TokenizeReply) and chat_reply.error is None
+        assert chat_reply.request_id == "chat" and chat_reply.max_model_len == 512
+        assert chat_reply.token_ids == generated.prompt_token_ids
+        assert text_reply.token_ids == tok.encode("Hi") and text_reply.token_strs == ["Hi"]
+
+        ids = tok.encode("Hello, world!") + [QWEN_EOS[0]]
+        await peers.to_tokenizer.send(DetokenizeRequest("detok", ids))
+        reply = await peers.next(peers.gateway)
+        assert reply.text == "Hello, world!" + tok.decode([QWEN_EOS[0]], skip_special_tokens=False)
+
+    run(tmp_path, body, images=False)
+
+
+def test_tokenize_refusals_come_back_in_the_reply(tmp_path: Path) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:a"}}
+    cases: list[tuple[TokenizeRequest | DetokenizeRequest, str | None]] = [
+        (
+            TokenizeRequest("wizard", messages=[{"role": "wizard", "content": "hi"}]),
+            "messages.0.role",
+        ),
+        (TokenizeRequest("both", prompt="x", messages=HELLO), None),
+        (TokenizeRequest("image", messages=[{"role": "user", "content": [image]}]), "messages"),
+        (DetokenizeRequest("vocab", [10**7]), "tokens"),
+    ]
+
+    async def body(peers: Peers) -> None:
+        for req, _ in cases:
+            await peers.to_tokenizer.send(req)
+        replies = [await peers.next(peers.gateway) for _ in cases]
+        assert all(isinstance(r, TokenizeReply) and r.error is not None for r in replies)
+        assert [(r.request_id, r.error.code, r.error.param) for r in replies] == [
+            (req.request_id, 400, param) for req, param in cases
+        ]
+
+    run(tmp_path, body)
+
+
+def test_server_limits_images_and_logprobs(tmp_path: Path) -> None:
+    image = {"type": "image_url", "image_url": {"url": data_url(28, 28)}}
+
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(chat("two", image, image))
+        await peers.to_tokenizer.send(chat("lp", logprobs=3))
+        await peers.to_tokenizer.send(chat("one", image, logprobs=2))
+        too_many, too_deep = [await peers.next(peers.gateway) for _ in range(2)]
+        assert too_many.request_id == "two" and too_many.error.param == "messages"
+        assert too_many.error.message.startswith("At most 1 image(s) may be provided")
+        assert too_deep.request_id == "lp" and too_deep.error.param == "logprobs"
+        assert peers.images is not None
+        assert (await peers.next(peers.images)).request_id == "one"
+
+    run(tmp_path, body, limit_mm_per_prompt={"image": 1}, max_logprobs=2)
+
+
+def test_chat_template_flag_replaces_the_checkpoints(tmp_path: Path) -> None:
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    tok = TextTokenizer.load(str(tokenizer_dir()))
+    want = tok.encode("[system] Be brief.\n[user] Hello there\n", add_special_tokens=False)
+
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(TokenizeRequest("t", messages=HELLO))
+        await peers.to_tokenizer.send(GenerateRequest("g", messages=HELLO))
+        assert (await peers.next(peers.gateway)).token_ids == want
+        assert (await peers.next(peers.scheduler)).prompt_token_ids == want
+
+    run(tmp_path, body, images=False, chat_template=template)
+
+
+def test_tokenizer_flag_loads_another_folder_with_its_template(tmp_path: Path) -> None:
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    shutil.copy(tokenizer_dir() / "tokenizer.json", other / "tokenizer.json")
+    config = json.loads((tokenizer_dir() / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = TextTokenizer.load(str(other))
+
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(TokenizeRequest("t", messages=HELLO))
+        want = tok.encode("<Be brief.><Hello there>", add_special_tokens=False)
+        assert (await peers.next(peers.gateway)).token_ids == want
+
+    run(tmp_path, body, images=False, tokenizer=str(other))

@@ -35,12 +35,16 @@ class EngineProcess:
     log_path: str = ""
 
     @property
+    def scheme(self) -> str:
+        return "https" if "--ssl-certfile" in self.args else "http"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     @property
     def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def front(self) -> str:
@@ -86,7 +90,9 @@ class EngineProcess:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(self.root_url + "/health", timeout=2).status_code == 200
+            # verify=False: a test engine serves HTTPS with the self-signed tests/assets/tls
+            r = httpx.get(self.root_url + "/health", timeout=2, verify=False)
+            return r.status_code == 200
         except httpx.HTTPError:
             return False
 

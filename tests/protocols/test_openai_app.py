@@ -6,11 +6,13 @@ Exercises the HTTP hop alone: FastAPI app -> (fake) AsyncEngineClient, no proces
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 from starlette.testclient import TestClient
 
 from actors.admission import RequestInvalid, check_sampling
@@ -75,10 +77,11 @@ class FakeClient:
         return HealthReply("h", self.ready, FACTS if self.ready else None)
 
 
-def make(script: Script = hello, api_key: str | None = None, ready: bool = True):
+def make(script: Script = hello, api_key: str | None = None, ready: bool = True, **config: Any):
     fake = FakeClient(script, ready)
-    config = EngineConfig(model="/ckpt/tiny", served_model_name=["tiny", "alias"], api_key=api_key)
-    return fake, TestClient(build_app(fake, config))  # type: ignore[arg-type]
+    fields: dict[str, Any] = {"served_model_name": ["tiny", "alias"], **config}
+    engine_config = EngineConfig(model="/ckpt/tiny", api_key=api_key, **fields)
+    return fake, TestClient(build_app(fake, engine_config))  # type: ignore[arg-type]
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -286,3 +289,83 @@ def test_closing_the_event_stream_early_closes_the_engine_stream():
 
     asyncio.run(main())
     assert fake.closed == ["rid"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_ping_answers_like_health(method):
+    _, http = make()
+    assert http.request(method, "/ping").status_code == 200
+    _, down = make(ready=False)
+    assert down.request(method, "/ping").status_code == 503
+
+
+def test_default_names_list_the_model_string_and_accept_the_folder_alias():
+    # what resolve_model makes of `--model ckpt/tiny`: served as given, the folder as an alias
+    fake, http = make(served_model_name=["ckpt/tiny"], model_aliases=["tiny"])
+    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["ckpt/tiny"]
+    for name in ("ckpt/tiny", "tiny"):
+        r = http.post("/v1/chat/completions", json={**CHAT, "model": name})
+        assert r.status_code == 200 and r.json()["model"] == name
+    assert http.get("/v1/models/tiny").status_code == 200
+    assert http.post("/v1/chat/completions", json={**CHAT, "model": "ckpt"}).status_code == 404
+
+
+def test_unknown_request_fields_are_logged_once_each_at_debug():
+    _, http = make()
+    unknown = {"tessera_test_field_a": 1, "tessera_test_field_b": {"x": 1}}
+    bodies: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", {"prompt": "x"}),
+    ]
+    before = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for route, body in bodies:
+                for _ in range(2):
+                    assert http.post(route, json={**body, **unknown}).status_code == 200
+    finally:
+        structlog.configure(**before)
+    seen = [e for e in logs if e["event"] == "unknown request field ignored"]
+    assert [(e["field"], e["log_level"]) for e in seen] == [
+        ("tessera_test_field_a", "debug"),
+        ("tessera_test_field_b", "debug"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "route,body,status,param",
+    [
+        ("/tokenize", {"model": "tiny"}, 400, "prompt"),
+        ("/tokenize", {"prompt": 3}, 400, "prompt"),
+        ("/tokenize", {"messages": "hi"}, 400, "messages"),
+        ("/tokenize", {**CHAT, "continue_final_message": True}, 400, "continue_final_message"),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+        ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
+    ],
+)
+def test_tokenize_bodies_refused_before_the_engine(route, body, status, param):
+    _, http = make()
+    r = http.post(route, json=body)
+    assert r.status_code == status and r.json()["error"]["param"] == param
+
+
+def test_tokenize_needs_the_api_key_and_valid_json():
+    _, http = make(api_key="sekret")
+    assert http.post("/tokenize", json={"prompt": "x"}).status_code == 401
+    assert http.post("/detokenize", json={"tokens": [1]}).status_code == 401
+    _, http = make()
+    bad = http.post("/tokenize", content=b"{no", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+
+
+def test_cors_headers_only_for_allowed_origins():
+    _, closed = make()
+    asked = {"Origin": "https://a.example"}
+    assert "access-control-allow-origin" not in closed.get("/v1/models", headers=asked).headers
+    _, open_ = make(allowed_origins=["https://a.example"])
+    r = open_.get("/v1/models", headers=asked)
+    assert r.headers["access-control-allow-origin"] == "https://a.example"
+    other = open_.get("/v1/models", headers={"Origin": "https://b.example"})
+    assert "access-control-allow-origin" not in other.headers
