@@ -24,7 +24,15 @@ import torch
 from devices.cpu_features import cpu_flags
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffast-math",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 log = structlog.get_logger()
 

@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 
-from core.config import EngineConfig, parse_args
+from core.cli import parse_args
+from core.config import EngineConfig
 from core.launch.addresses import make_addresses
 from core.launch.default_model import resolve_model
 from core.launch.topology import topology

@@ -8,13 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (
-    NO_EFFECT_FLAGS,
-    EngineConfig,
-    build_parser,
-    human_readable_int,
-    parse_args,
-)
+from core.cli import NO_EFFECT_FLAGS, build_parser, parse_args
+from core.cli_values import human_readable_int
+from core.config import EngineConfig
 from core.launch.default_model import DEFAULT_MODEL_NAME, resolve_model
 
 
