@@ -13,11 +13,12 @@ from typing import Any
 from protocols.messages import ErrorInfo, GenerateRequest, SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range of a logit_bias value
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 TEXT_PART = "text"
 IMAGE_PARTS = ("image_url", "image")  # {"type": "image_url", "image_url": {"url"}} or "image"
 MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "continue_final_message")
 
 # Value ranges of the float sampling fields: (low, low included, high); high is always included.
 _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
@@ -163,6 +164,23 @@ def _image_source(part: Any, where: str) -> str | None:
     return url
 
 
+def check_generation_prompt(add_generation_prompt: Any, continue_final_message: Any) -> None:
+    """A chat either ends with the header of a new assistant turn or leaves its final message
+    open for the model to continue, not both (vLLM's and transformers' rule)."""
+    for name, value in (
+        ("add_generation_prompt", add_generation_prompt),
+        ("continue_final_message", continue_final_message),
+    ):
+        if not isinstance(value, bool):
+            raise RequestInvalid(f"{name} must be true or false", param=name)
+    if add_generation_prompt and continue_final_message:
+        raise RequestInvalid(
+            "continue_final_message and add_generation_prompt cannot both be true: set "
+            "add_generation_prompt to false to continue the final message",
+            param="continue_final_message",
+        )
+
+
 def check_template_kwargs(kwargs: Any) -> None:
     """chat_template_kwargs: an object whose keys do not replace what the engine passes."""
     if not isinstance(kwargs, dict):
@@ -250,6 +268,27 @@ def check_sampling(sp: SamplingParams, vocab_size: int, max_logprobs: int = MAX_
         raise RequestInvalid(
             f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids"
         )
+    check_logit_bias(sp.logit_bias, vocab_size)
+
+
+def check_logit_bias(logit_bias: Any, vocab_size: int) -> None:
+    """OpenAI's logit_bias: token id -> bias in [-100, 100], every id inside the vocabulary."""
+    if logit_bias is None:
+        return
+    if not isinstance(logit_bias, dict):
+        raise RequestInvalid("logit_bias must map token ids to biases", param="logit_bias")
+    for token, bias in logit_bias.items():
+        if not _is_int(token) or not 0 <= token < vocab_size:
+            raise RequestInvalid(
+                f"logit_bias key {token!r} is not a token id in [0, {vocab_size})",
+                param="logit_bias",
+            )
+        if not _is_number(bias) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise RequestInvalid(
+                f"logit_bias of token {token} must be in [-{LOGIT_BIAS_LIMIT:g}, "
+                f"{LOGIT_BIAS_LIMIT:g}], got {bias!r}",
+                param="logit_bias",
+            )
 
 
 def resolve_max_tokens(n_prompt: int, sp: SamplingParams, max_model_len: int) -> int:

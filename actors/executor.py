@@ -47,6 +47,7 @@ class ExecutorActor(Stage):
                 memory_utilization=c.memory_utilization,
                 kv_cache_memory=c.kv_cache_memory,
             ),
+            enforce_eager=c.enforce_eager,
         )
         pool = self.runner.pool
         if pool.capped:

@@ -113,6 +113,7 @@ class TokenizerActor(Stage):
             ids, sources = self._render_chat(
                 req.messages,
                 req.add_generation_prompt,
+                req.continue_final_message,
                 req.chat_template_kwargs,
                 add_special_tokens=bool(req.add_special_tokens),
             )
@@ -149,7 +150,10 @@ class TokenizerActor(Stage):
         sources: list[str] = []
         if req.messages is not None:
             ids, sources = self._render_chat(
-                req.messages, req.add_generation_prompt, req.chat_template_kwargs
+                req.messages,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template_kwargs,
             )
         elif req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
@@ -180,6 +184,7 @@ class TokenizerActor(Stage):
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
+        continue_final_message: bool,
         template_kwargs: dict[str, Any],
         add_special_tokens: bool = False,
     ) -> tuple[list[int], list[str]]:
@@ -187,12 +192,16 @@ class TokenizerActor(Stage):
         accepts_images = self.facts.accepts_images
         sources = admission.parse_messages(messages, accepts_images)
         admission.check_image_count(len(sources), self.config.limit_mm_per_prompt)
+        admission.check_generation_prompt(add_generation_prompt, continue_final_message)
         admission.check_template_kwargs(template_kwargs)
         if not accepts_images:
             messages = flatten_text_content(messages)
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_kwargs,
             )
         except ValueError as exc:
             raise RequestInvalid(

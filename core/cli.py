@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from core.cli_values import (
+    generation_config_source,
     human_readable_int,
     json_string_list,
     load_chat_template,
@@ -49,11 +50,6 @@ NO_EFFECT_FLAGS: list[tuple[list[str], bool, str]] = [
         ["--trust-remote-code", "--no-trust-remote-code"],
         False,
         "no checkpoint code is ever run: architectures are built in",
-    ),
-    (
-        ["--generation-config"],
-        True,
-        "the checkpoint's generation_config.json sampling defaults are not applied yet",
     ),
     (
         ["--enable-auto-tool-choice", "--no-enable-auto-tool-choice"],
@@ -113,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a chat template file, or the template itself, replacing the checkpoint's "
         "(default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--generation-config",
+        type=generation_config_source,
+        default=d.generation_config,
+        help="sampling defaults a request's unset fields take (temperature, top_p, top_k, min_p, "
+        "repetition_penalty): 'auto' from the model folder's generation_config.json, 'vllm' "
+        "none (vLLM's defaults), or a folder holding generation_config.json (default: auto)",
     )
     p.add_argument("--host", default=d.host, help="HTTP listen address")
     p.add_argument("--port", type=int, default=d.port, help="HTTP listen port")

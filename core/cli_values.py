@@ -1,5 +1,5 @@
-"""Value types of the command line: vLLM-style sizes (`32k`, `1K`), JSON flags, chat templates.
-core/cli.py's parser turns each flag's text into its EngineConfig value with these."""
+"""Value types of the command line: vLLM-style sizes (`32k`, `1K`), JSON flags, chat templates and
+the generation config source; core/cli.py's parser turns each flag's text into its config value."""
 
 from __future__ import annotations
 
@@ -69,6 +69,21 @@ def json_string_list(text: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
     return value
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def generation_config_source(text: str) -> str:
+    """--generation-config: "auto" (the model folder's file), "vllm" (no file: vLLM's own
+    defaults) or a folder holding generation_config.json."""
+    if text in ("auto", "vllm"):
+        return text
+    if not os.path.isfile(os.path.join(text, GENERATION_CONFIG_FILE)):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, vllm or a folder holding {GENERATION_CONFIG_FILE}, got {text!r}"
+        )
+    return text
 
 
 _TEMPLATE_CHARS = "{}\n"

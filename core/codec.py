@@ -87,9 +87,17 @@ def _to_plain(value: Any, frames: list) -> Any:
         if value and type(value[0]) in _SCALARS:  # token ids, block tables: orjson takes them
             return value
         return [_to_plain(v, frames) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v, frames) for k, v in value.items()}
+    if isinstance(value, dict):  # JSON keys are strings: int keys (token ids) are written out
+        return {k if isinstance(k, str) else str(k): _to_plain(v, frames) for k, v in value.items()}
     return value
+
+
+def _int_key(key: str) -> int | str:
+    """A key written from an int; any other string is kept for the receiver's checks to refuse."""
+    try:
+        return int(key)
+    except ValueError:
+        return key
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -113,6 +121,8 @@ def _from_plain(tp: Any, value: Any, buffers: list) -> Any:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _from_plain(args[0], value, buffers) if len(args) == 1 else value
+    if origin is dict and isinstance(value, dict) and typing.get_args(tp)[:1] == (int,):
+        return {_int_key(k): v for k, v in value.items()}  # token-id keys, written as strings
     if origin is list:
         (arg,) = typing.get_args(tp)
         if arg in _SCALARS:

@@ -20,6 +20,7 @@ class EngineConfig:
     model_aliases: list[str] = field(default_factory=list)  # accepted too, not listed
     tokenizer: str = ""  # tokenizer folder or .gguf file; "" = the model's own
     chat_template: str | None = None  # template text replacing the checkpoint's; None = keep it
+    generation_config: str = "auto"  # sampling defaults: auto (the model's) | vllm (none) | folder
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None

@@ -53,18 +53,62 @@ def compile_chat_template(source: str) -> jinja2.Template:
         raise ValueError(f"chat template does not compile: {exc}") from exc
 
 
+# Appended to the final message's text when it is to be continued; the rendered chat is cut where
+# it lands. The trailing space shows whether the template trimmed the text.
+CONTINUE_MARK = "TESSERA_CONTINUE_FINAL_MESSAGE "
+
+
 def render_chat_template(
     source: str,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     **kwargs: Any,
 ) -> str:
-    """Render `messages` with the template; template errors become ValueError."""
+    """Render `messages` with the template; template errors become ValueError.
+
+    With `continue_final_message` the text ends right after the final message's text (whatever
+    the template puts after it dropped), so the model continues that message, as transformers
+    and vLLM do; the caller leaves `add_generation_prompt` off."""
     template = compile_chat_template(source)
     context: dict[str, Any] = {"tools": None, "documents": None, **kwargs}
+    if continue_final_message:
+        messages = _mark_final_text(messages)
     try:
-        return template.render(
+        text = template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **context
         )
     except Exception as exc:  # any failure inside a template is a bad request, not a crash
         raise ValueError(f"chat template failed: {exc}") from exc
+    if not continue_final_message:
+        return text
+    at = text.rfind(CONTINUE_MARK.rstrip())
+    if at < 0:
+        raise ValueError(
+            "continue_final_message: the chat template does not render the final message's text, "
+            "so it cannot be continued"
+        )
+    if text.startswith(CONTINUE_MARK, at):
+        return text[:at]
+    return text[:at].rstrip()  # the template trimmed the text: its trailing spaces are gone too
+
+
+def _mark_final_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of `messages` whose final message's text (its last text part) ends with the mark."""
+    if not messages:
+        raise ValueError("continue_final_message needs a final message to continue")
+    final = dict(messages[-1])
+    content = final.get("content")
+    if isinstance(content, str):
+        final["content"] = content + CONTINUE_MARK
+    elif isinstance(content, list):
+        parts = list(content)
+        texts = [i for i, p in enumerate(parts) if isinstance(p, dict) and "text" in p]
+        if not texts:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        last = texts[-1]
+        parts[last] = {**parts[last], "text": str(parts[last]["text"]) + CONTINUE_MARK}
+        final["content"] = parts
+    else:
+        raise ValueError("continue_final_message: the final message has no text to continue")
+    return [*messages[:-1], final]

@@ -4,7 +4,7 @@ The executor calls it once per step with all scheduled tokens packed; it returns
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -45,6 +45,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Runs one layer: (layer, x, cos_sin, meta, cache) -> x. A device may hand forward a compiled one.
+LayerRunner = Callable[
+    [nn.Module, torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionMetadata, KVCache],
+    torch.Tensor,
+]
+
+
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -68,12 +75,16 @@ class Decoder(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
         inputs_embeds: torch.Tensor | None = None,
+        run_layer: LayerRunner | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary(positions, x.dtype)  # once per step, shared by all layers
         # positions: [T], or [3, T] (M-RoPE) for Qwen2.5-VL
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, meta, cache)
+            if run_layer is None:
+                x = layer(x, cos_sin, meta, cache)
+            else:
+                x = run_layer(layer, x, cos_sin, meta, cache)
         return self.norm(x)
 
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:

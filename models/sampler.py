@@ -1,4 +1,5 @@
-"""Batched token sampler: min-tokens bans, penalties, temperature, min-p, top-k/top-p, seeded draws.
+"""Batched token sampler: logit bias, min-tokens bans, penalties, temperature, min-p, top-k/top-p,
+seeded draws.
 
 Runs in the executor's model runner on the device, once per step, on the final-position logits of
 every sequence that samples.
@@ -39,6 +40,8 @@ class SamplingSettings(Protocol):
     def min_tokens(self) -> int: ...
     @property
     def logprobs(self) -> int | None: ...
+    @property
+    def logit_bias(self) -> dict[int, float] | None: ...
 
 
 class SamplingRow(Protocol):
@@ -84,6 +87,9 @@ class SamplingBatch:
     output_counts: torch.Tensor | None = None  # [B, V] float: occurrences in the output
     ban_rows: torch.Tensor | None = None  # [N] long: (row, token) pairs forced to -inf
     ban_ids: torch.Tensor | None = None  # [N] long
+    bias_rows: torch.Tensor | None = None  # [M] long: (row, token) pairs whose logit is biased
+    bias_ids: torch.Tensor | None = None  # [M] long
+    bias_values: torch.Tensor | None = None  # [M] float: added to those logits
     generators: list[tuple[int, torch.Generator]] = field(default_factory=list)  # seeded rows
 
     @classmethod
@@ -167,6 +173,20 @@ class SamplingBatch:
         if ban_ids:
             batch.ban_rows = torch.tensor(ban_rows, dtype=torch.long, device=device)
             batch.ban_ids = torch.tensor(ban_ids, dtype=torch.long, device=device)
+
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        for i, r in enumerate(rows):
+            for token, bias in (r.sampling.logit_bias or {}).items():
+                if 0 <= token < vocab_size:
+                    bias_rows.append(i)
+                    bias_ids.append(token)
+                    bias_values.append(bias)
+        if bias_ids:
+            batch.bias_rows = torch.tensor(bias_rows, dtype=torch.long, device=device)
+            batch.bias_ids = torch.tensor(bias_ids, dtype=torch.long, device=device)
+            batch.bias_values = floats(bias_values)
         return batch
 
 
@@ -187,6 +207,14 @@ def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> to
         list(chain.from_iterable(rows)), dtype=torch.long
     )
     return out.to(device)
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """OpenAI's logit_bias: each request's biases added to its own row (greedy rows too)."""
+    if batch.bias_rows is None or batch.bias_ids is None or batch.bias_values is None:
+        return logits
+    values = batch.bias_values.to(logits.dtype)
+    return logits.index_put((batch.bias_rows, batch.bias_ids), values, accumulate=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -314,7 +342,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         )
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
 
-    logits = apply_penalties(apply_min_tokens(logits, batch), batch)
+    logits = apply_penalties(apply_min_tokens(apply_logit_bias(logits, batch), batch), batch)
     greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
     if greedy_ids is not None and batch.all_greedy:
         token_ids = greedy_ids

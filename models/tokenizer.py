@@ -72,15 +72,22 @@ class TextTokenizer:
     # ---- chat ------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> str:
-        """Render `messages` (checked by actors.admission.parse_messages) as prompt text."""
+        """Render `messages` (checked by actors.admission.parse_messages) as prompt text; with
+        `continue_final_message` the text ends inside the final message, for the model to go on."""
         if not self.chat_template:
             raise ValueError(
                 "this checkpoint has no chat template; send a plain prompt (completions) instead"
             )
         context = {**self.special_tokens, **kwargs}
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, **context)
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt, continue_final_message, **context
+        )
 
 
 def flatten_text_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: off; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class GenerateRequest(Record):
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the last message open for the model to go on
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     arrival_time: float = 0.0
@@ -100,6 +102,7 @@ class TokenizeRequest(Record):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     return_token_strs: bool = False
 

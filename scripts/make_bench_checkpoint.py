@@ -174,8 +174,11 @@ def find_tokenizer_dir(explicit: str | None) -> Path:
     )
 
 
-def write_weights(out: Path, cfg: dict[str, Any], dtype_name: str, seed: int, shard: str) -> int:
-    """Build the model from CFG with transformers' random init and save_pretrained it."""
+def write_weights(
+    out: Path, cfg: dict[str, Any], dtype_name: str, seed: int, shard: str, device: str = "cpu"
+) -> int:
+    """Build the model from CFG with transformers' random init (run on DEVICE: "cuda" makes the
+    3B shape in seconds) and save_pretrained it."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -184,7 +187,7 @@ def write_weights(out: Path, cfg: dict[str, Any], dtype_name: str, seed: int, sh
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created (and initialised) in DTYPE directly
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(cfg)))
     finally:
         torch.set_default_dtype(previous)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--max-shard-size", default="4GB", help="save_pretrained's shard size")
     ap.add_argument("--tokenizer-dir", default=None, help="Qwen2.5 tokenizer folder to copy")
+    ap.add_argument("--init-device", default="cpu", help="where the random init runs (cpu, cuda)")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = make_config(args.shape)
     cfg["torch_dtype"] = dtype
     t0 = time.time()
-    n_params = write_weights(out, cfg, dtype, args.seed, args.max_shard_size)
+    n_params = write_weights(out, cfg, dtype, args.seed, args.max_shard_size, args.init_device)
     # save_pretrained writes transformers' own (nested) config.json; keep the published one.
     (out / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     gen = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.execution.decode_graphs import DecodeGraphs
 from actors.execution.encoder_cache import EncoderCache
 from actors.execution.kv_pool import KVLimits, KVPool, size_kv_pool
 from actors.execution.pixel_store import PixelStore
@@ -27,7 +28,6 @@ from protocols.messages import (
     TokenLogprob,
 )
 
-VISION_BATCH_PATCHES = 1024  # images encoded together while their patches fit in this
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,18 +40,48 @@ class ModelRunner:
     requests that sent them and dropped with them.
     """
 
-    def __init__(self, model: Decoder, platform: Platform, pool: KVPool) -> None:
-        """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool."""
+    def __init__(
+        self,
+        model: Decoder,
+        platform: Platform,
+        pool: KVPool,
+        *,
+        max_num_seqs: int = 64,
+        enforce_eager: bool = False,
+    ) -> None:
+        """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool
+        and, unless `enforce_eager`, records decode steps of up to max_num_seqs sequences where
+        the platform records graphs and reads the cache in place (CUDA)."""
         platform.prepare_model(model)  # CPU: fp32 linears packed for oneDNN
         self.model = model
         self.pool = pool
         weight = model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        # One block past the pool's: the scratch block that recorded steps' padding rows write.
         self.kv = allocate_kv_cache(
-            model.config, pool.num_blocks, pool.block_size, self.device, self.dtype, platform.zeros
+            model.config,
+            pool.num_blocks + 1,
+            pool.block_size,
+            self.device,
+            self.dtype,
+            platform.zeros,
         )
         self.uses_mrope = model.config.mrope_section is not None
+        self.vision_batch_patches = platform.vision_batch_patches
         self.decode_kernel = platform.decode_attention()
+        self.graphs: DecodeGraphs | None = None
+        if not enforce_eager and platform.records_graphs and self.decode_kernel is not None:
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv,
+                platform,
+                self.decode_kernel,
+                max_batch=max_num_seqs,
+                max_blocks=-(-pool.max_model_len // pool.block_size),
+                block_size=pool.block_size,
+                scratch_block=pool.num_blocks,
+                mrope=self.uses_mrope,
+            )
         self.requests: dict[str, SequenceState] = {}
         self.pixels = PixelStore()
         self.encoder_cache = EncoderCache()
@@ -66,22 +96,30 @@ class ModelRunner:
         dtype: str = "auto",
         block_size: int = 16,
         limits: KVLimits | None = None,
+        enforce_eager: bool = False,
     ) -> ModelRunner:
         """Loads the checkpoint onto `platform`'s device for `rank` and sizes the KV pool in what
         memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default."""
+        limits = limits or KVLimits()
         device = platform.torch_device(rank)
         torch_dtype = DTYPES[dtype] if dtype in DTYPES else platform.default_dtype()
         model = load_model(model_path, device, torch_dtype)
         config = model.config
         pool = size_kv_pool(
-            limits or KVLimits(),
+            limits,
             bytes_per_block=kv_cache_bytes_per_block(config, block_size, torch_dtype),
             block_size=block_size,
             max_position_embeddings=config.max_position_embeddings,
             free_bytes=platform.memory_free_bytes(device),
             host_ram=platform.memory_is_host_ram,
         )
-        return cls(model, platform, pool)
+        return cls(
+            model,
+            platform,
+            pool,
+            max_num_seqs=limits.max_num_seqs,
+            enforce_eager=enforce_eager,
+        )
 
     @property
     def facts(self) -> EngineFacts:
@@ -177,6 +215,18 @@ class ModelRunner:
                 raise ValueError(f"request {s.request_id}: block table too short for {end}")
             ids.extend(state.token_ids(s.start_pos, end))
             states.append(state)
+        positions = self._positions(plan, states)
+        spans = self._image_spans(plan, states)
+        if (
+            self.graphs is not None
+            and not spans
+            and len(seqs) <= self.graphs.max_batch
+            and all(s.num_tokens == 1 for s in seqs)
+        ):
+            hidden = self.graphs.run(
+                ids, positions, [s.block_table for s in seqs], [s.start_pos + 1 for s in seqs]
+            )
+            return self._sample(plan, states, hidden), hidden
         dev = self.device
         meta = AttentionMetadata.build(
             [s.num_tokens for s in seqs],
@@ -189,10 +239,10 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         hidden = self.model(
             input_ids,
-            self._positions(plan, states),
+            positions.to(dev),
             meta,
             self.kv,
-            inputs_embeds=self._embeds_with_images(plan, states, input_ids),
+            inputs_embeds=self._embeds_with_images(spans, input_ids),
         )
         return self._sample(plan, states, hidden), hidden
 
@@ -229,8 +279,8 @@ class ModelRunner:
         return result
 
     def _positions(self, plan: StepPlan, states: list[SequenceState]) -> torch.Tensor:
-        """Rotary positions: [T] for text models; [3, T] (M-RoPE) for VL models, the prompt's
-        from its image grids and a generated token's at index + delta on all three axes."""
+        """Rotary positions on the host: [T] for text models; [3, T] (M-RoPE) for VL models, the
+        prompt's from its image grids and a generated token's at index + delta on all three axes."""
         parts = []
         for s, state in zip(plan.sequences, states, strict=True):
             start, end = s.start_pos, s.start_pos + s.num_tokens
@@ -242,14 +292,13 @@ class ModelRunner:
             head = pos[:, min(start, n) : min(end, n)]
             tail = torch.arange(max(start, n), max(end, n)).expand(3, -1) + state.mrope_delta
             parts.append(torch.cat([head, tail], dim=1))
-        return torch.cat(parts, dim=-1).to(self.device)
+        return torch.cat(parts, dim=-1)
 
-    def _embeds_with_images(
-        self, plan: StepPlan, states: list[SequenceState], input_ids: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Token embeddings with image rows replaced by vision-encoder outputs, or None. The
-        images this step needs and the encoder cache lacks are encoded in one batched pass."""
-        spans: list[tuple[int, int, int, ImageRef]] = []  # (row, lo, hi, image)
+    def _image_spans(
+        self, plan: StepPlan, states: list[SequenceState]
+    ) -> list[tuple[int, int, int, ImageRef]]:
+        """(row, lo, hi, image) for every image whose tokens lo..hi the step runs at `row`."""
+        spans: list[tuple[int, int, int, ImageRef]] = []
         row = 0
         for s, state in zip(plan.sequences, states, strict=True):
             start, end = s.start_pos, s.start_pos + s.num_tokens
@@ -258,6 +307,13 @@ class ModelRunner:
                 if lo < hi:
                     spans.append((row + lo - start, lo, hi, im))
             row += end - start
+        return spans
+
+    def _embeds_with_images(
+        self, spans: list[tuple[int, int, int, ImageRef]], input_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Token embeddings with the image rows of `spans` replaced by vision-encoder outputs, or
+        None. The images the encoder cache lacks are encoded in one batched pass."""
         if not spans:
             return None
         refs = {im.content_hash: im for _, _, _, im in spans}
@@ -271,9 +327,7 @@ class ModelRunner:
         return embeds
 
     def _encode(self, images: list[ImageRef]) -> list[torch.Tensor]:
-        """Vision outputs of `images`, small ones batched into one pass up to a patch budget:
-        batching four 224x224 images saved ~14% here, while four 640x640 ones ran 1.5x slower
-        together than one by one (bf16, 2 cores)."""
+        """Vision outputs of `images`, batched into one pass up to the platform's patch budget."""
         if not isinstance(self.model, Qwen2_5_VLModel):
             raise ValueError(f"{self.model.config.architecture} has no vision encoder")
         out: list[torch.Tensor] = []
@@ -282,7 +336,7 @@ class ModelRunner:
         for im in images:
             grid = (im.grid_thw[0], im.grid_thw[1], im.grid_thw[2])
             size = grid[0] * grid[1] * grid[2]
-            if batch and patches + size > VISION_BATCH_PATCHES:
+            if batch and patches + size > self.vision_batch_patches:
                 out += self.model.encode_images(batch)
                 batch, patches = [], 0
             batch.append((self.pixels.get(im.content_hash).to(self.device, self.dtype), grid))

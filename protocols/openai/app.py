@@ -43,13 +43,21 @@ from protocols.openai.schemas import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
-from protocols.openai.stream import ChatChunks, ChunkRenderer, CompletionChunks, close_quietly, sse
+from protocols.openai.stream import (
+    ChatChunks,
+    ChunkRenderer,
+    CompletionChunks,
+    close_quietly,
+    failure_of,
+    sse,
+)
 
 if TYPE_CHECKING:
     from protocols.client import AsyncEngineClient
 
 HEALTH_TIMEOUT_S = 5.0
-Responder = Callable[[Collected, str, int, str, "int | None"], dict[str, Any]]
+Responder = Callable[[list[Collected]], dict[str, Any]]  # every choice's generation -> the body
+Stream = AsyncGenerator[RequestOutput, None]
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -85,19 +93,27 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _collect(
-    outputs: AsyncGenerator[RequestOutput, None], first: RequestOutput, request: Request
-) -> Collected | ErrorInfo | None:
-    """Fold a whole generation; None if the HTTP client went away first (the request is aborted)."""
+async def _first(outputs: Stream, request_id: str) -> RequestOutput:
+    """A stream's first increment: it submits the request and carries an early refusal."""
+    try:
+        return await outputs.__anext__()
+    except StopAsyncIteration:
+        return RequestOutput(request_id=request_id, finish_reason="error")
 
-    async def fold() -> Collected | ErrorInfo:
+
+async def _collect(
+    streams: list[Stream], firsts: list[RequestOutput], request: Request
+) -> list[Collected] | ErrorInfo | None:
+    """Fold whole generations, one per choice; None if the HTTP client went away first (the
+    requests are aborted). The engine runs them together, whatever order they are folded in."""
+
+    async def fold(outputs: Stream, first: RequestOutput) -> Collected | ErrorInfo:
         c = Collected()
         out = first
         while True:
-            if out.error is not None or out.finish_reason == "error":
-                return out.error or ErrorInfo(
-                    "the engine failed this request", "InternalServerError", None, 500
-                )
+            failure = failure_of(out)
+            if failure is not None:
+                return failure
             c.add(out)
             if c.final is not None:
                 return c
@@ -106,7 +122,16 @@ async def _collect(
             except StopAsyncIteration:
                 return ErrorInfo("the engine stream ended early", "InternalServerError", None, 500)
 
-    folding = asyncio.ensure_future(fold())
+    async def fold_all() -> list[Collected] | ErrorInfo:
+        done = []
+        for outputs, first in zip(streams, firsts, strict=True):
+            c = await fold(outputs, first)
+            if isinstance(c, ErrorInfo):
+                return c
+            done.append(c)
+        return done
+
+    folding = asyncio.ensure_future(fold_all())
     watching = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({folding, watching}, return_when=asyncio.FIRST_COMPLETED)
@@ -117,7 +142,8 @@ async def _collect(
             folding.cancel()
             with anyio.move_on_after(5, shield=True):
                 await asyncio.wait({folding})
-        await close_quietly(outputs)
+        for outputs in streams:
+            await close_quietly(outputs)
 
 
 async def _tokenize_body(request: Request) -> TokenizeCompletionRequest | TokenizeChatRequest:
@@ -137,8 +163,15 @@ async def _tokenize_body(request: Request) -> TokenizeCompletionRequest | Tokeni
         raise RequestValidationError(exc.errors()) from exc
 
 
-def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
-    """The OpenAI-compatible app over one engine client; `config` gives names and the API key."""
+def build_app(
+    client: AsyncEngineClient,
+    config: EngineConfig,
+    sampling_defaults: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The OpenAI-compatible app over one engine client; `config` gives names and the API key,
+    `sampling_defaults` (generation_config.json's) the values of sampling fields a request leaves
+    unset."""
+    defaults = dict(sampling_defaults or {})
     served = config.accepted_model_names  # what a request may name; /v1/models lists model_names
     engine: EngineFacts | None = None  # the engine's facts, once a health check returned them
     try:
@@ -204,64 +237,74 @@ def build_app(client: AsyncEngineClient, config: EngineConfig) -> FastAPI:
         return engine
 
     async def generate(
-        gen: GenerateRequest,
+        gens: list[GenerateRequest],
         request: Request,
-        renderer: ChunkRenderer,
+        renderers: list[ChunkRenderer],
         stream: bool,
         respond: Responder,
     ) -> Response:
-        outputs = client.generate(gen)
+        """Run one request per choice together; a refusal of any refuses the whole response."""
+        streams = [client.generate(gen) for gen in gens]
         try:
-            first = await outputs.__anext__()
-        except StopAsyncIteration:
-            first = RequestOutput(request_id=gen.request_id, finish_reason="error")
-        except BaseException:
-            await close_quietly(outputs)
-            raise
-        if first.error is not None or first.finish_reason == "error":
-            await close_quietly(outputs)
-            return error_response(
-                first.error
-                or ErrorInfo("the engine failed this request", "InternalServerError", None, 500)
+            firsts = list(
+                await asyncio.gather(*(_first(s, g.request_id) for s, g in zip(streams, gens)))
             )
+        except BaseException:
+            for outputs in streams:
+                await close_quietly(outputs)
+            raise
+        failure = next((f for f in map(failure_of, firsts) if f is not None), None)
+        if failure is not None:
+            for outputs in streams:
+                await close_quietly(outputs)
+            return error_response(failure)
         if stream:
             return EventStreamResponse(
-                sse(first, outputs, renderer),
+                sse(firsts, streams, renderers),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        result = await _collect(outputs, first, request)
+        result = await _collect(streams, firsts, request)
         if result is None:  # the client left; nobody reads this
             return Response(status_code=499)
         if isinstance(result, ErrorInfo):
             return error_response(result)
-        return json_response(
-            respond(result, renderer.response_id, renderer.created, renderer.model, renderer.top_k)
-        )
+        return json_response(respond(result))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
-        gen = convert.chat_request(body, uuid.uuid4().hex)
+        gen = convert.chat_request(body, uuid.uuid4().hex, defaults)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        renderer = ChatChunks(
+        r = ChatChunks(
             f"chatcmpl-{gen.request_id}",
             int(time.time()),
             model,
             include_usage,
             gen.sampling.logprobs,
         )
-        return await generate(gen, request, renderer, body.stream, convert.chat_response)
+
+        def respond(done: list[Collected]) -> dict[str, Any]:
+            return convert.chat_response(done[0], r.response_id, r.created, r.model, r.top_k)
+
+        return await generate([gen], request, [r], body.stream, respond)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
-        gen = convert.completion_request(body, uuid.uuid4().hex)
+        rid = uuid.uuid4().hex
+        gens = convert.completion_requests(body, rid, defaults)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        renderer = CompletionChunks(
-            f"cmpl-{gen.request_id}", int(time.time()), model, include_usage, gen.sampling.logprobs
-        )
-        return await generate(gen, request, renderer, body.stream, convert.completion_response)
+        created, top_k = int(time.time()), gens[0].sampling.logprobs
+        renderers: list[ChunkRenderer] = [
+            CompletionChunks(f"cmpl-{rid}", created, model, include_usage, top_k, index=i)
+            for i in range(len(gens))
+        ]
+
+        def respond(done: list[Collected]) -> dict[str, Any]:
+            return convert.completion_response(done, f"cmpl-{rid}", created, model, top_k)
+
+        return await generate(gens, request, renderers, body.stream, respond)
 
     def model_card(name: str, facts: EngineFacts | None) -> dict[str, Any]:
         return {

@@ -8,7 +8,8 @@ back path: RequestOutput increments -> response dicts and SSE chunk dicts for th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from protocols.messages import (
@@ -72,18 +73,45 @@ def resolve_model(requested: str | None, served: list[str]) -> str:
 # ---------------------------------------------------------------- requests
 
 
-def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """The OpenAI sampling fields as SamplingParams; their values are checked by the engine."""
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as strings; the engine checks the ranges."""
+    if raw is None:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise OpenAIError(
+                f"logit_bias keys must be token ids (integers written as strings), got {key!r}",
+                param="logit_bias",
+            ) from None
+    return bias
+
+
+def _sampling(
+    req: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    defaults: Mapping[str, Any],
+) -> SamplingParams:
+    """The OpenAI sampling fields as SamplingParams; their values are checked by the engine. A
+    field the request leaves unset takes `defaults` (generation_config.json), else vLLM's."""
     if req.n not in (None, 1):
         raise OpenAIError("n must be 1: one choice per request is supported", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     d = SamplingParams()
+
+    def pick(name: str) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, getattr(d, name))
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=d.temperature if req.temperature is None else req.temperature,
-        top_p=d.top_p if req.top_p is None else req.top_p,
-        top_k=d.top_k if req.top_k is None else req.top_k,
-        min_p=d.min_p if req.min_p is None else req.min_p,
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
+        min_p=pick("min_p"),
         seed=req.seed,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
@@ -92,15 +120,16 @@ def _sampling(req: SamplingFields, max_tokens: int | None, logprobs: int | None)
         include_stop_str_in_output=req.include_stop_str_in_output,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=d.repetition_penalty
-        if req.repetition_penalty is None
-        else req.repetition_penalty,
+        repetition_penalty=pick("repetition_penalty"),
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=_logit_bias(req.logit_bias),
     )
 
 
-def chat_request(req: ChatCompletionRequest, request_id: str) -> GenerateRequest:
+def chat_request(
+    req: ChatCompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
+) -> GenerateRequest:
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(
             "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs"
@@ -111,34 +140,44 @@ def chat_request(req: ChatCompletionRequest, request_id: str) -> GenerateRequest
         max_tokens = req.max_tokens
     return GenerateRequest(
         request_id=request_id,
-        sampling=_sampling(req, max_tokens, logprobs),
+        sampling=_sampling(req, max_tokens, logprobs, defaults or {}),
         messages=req.messages,
         add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         mm_processor_kwargs=dict(req.mm_processor_kwargs or {}),
         arrival_time=time.time(),
     )
 
 
-def completion_request(req: CompletionRequest, request_id: str) -> GenerateRequest:
+def completion_requests(
+    req: CompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
+) -> list[GenerateRequest]:
+    """One GenerateRequest per prompt: a text, token ids, or a list of either (a batch, whose
+    i-th request has id `{request_id}-{i}` and becomes choice i)."""
     if req.echo:
         raise OpenAIError("echo is not supported", param="echo")
     if req.suffix:
         raise OpenAIError("suffix is not supported", param="suffix")
     if req.best_of not in (None, 1):
         raise OpenAIError("best_of must be 1", param="best_of")
-    prompt: str | list[int] | list[str] | list[list[int]] = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise OpenAIError(
-                "batched prompts are not supported: send one prompt per request", param="prompt"
-            )
-        prompt = cast("str | list[int]", prompt[0])
-    sampling = _sampling(req, req.max_tokens, req.logprobs)
-    if isinstance(prompt, str):
-        return GenerateRequest(request_id, sampling, prompt=prompt, arrival_time=time.time())
-    ids = [int(t) for t in cast("list[int]", prompt)]
-    return GenerateRequest(request_id, sampling, prompt_token_ids=ids, arrival_time=time.time())
+    prompts: list[str | list[int]]
+    if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)):
+        prompts = cast("list[str | list[int]]", list(req.prompt))
+    else:
+        prompts = [cast("str | list[int]", req.prompt)]
+    sampling = _sampling(req, req.max_tokens, req.logprobs, defaults or {})
+    now = time.time()
+    batch = []
+    for i, prompt in enumerate(prompts):
+        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        if isinstance(prompt, str):
+            gen = GenerateRequest(rid, replace(sampling), prompt=prompt, arrival_time=now)
+        else:
+            ids = [int(t) for t in prompt]
+            gen = GenerateRequest(rid, replace(sampling), prompt_token_ids=ids, arrival_time=now)
+        batch.append(gen)
+    return batch
 
 
 def tokenize_request(
@@ -152,15 +191,12 @@ def tokenize_request(
             add_special_tokens=req.add_special_tokens,
             return_token_strs=req.return_token_strs,
         )
-    if req.continue_final_message:
-        raise OpenAIError(
-            "continue_final_message is not supported yet", param="continue_final_message"
-        )
     return TokenizeRequest(
         request_id,
         messages=req.messages,
         add_special_tokens=req.add_special_tokens,
         add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         return_token_strs=req.return_token_strs,
     )
@@ -231,6 +267,14 @@ def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict[str,
     }
 
 
+def summed_usage(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The usage of several choices (a batch of prompts) together."""
+    total = {k: sum(p[k] for p in parts) for k in ("prompt_tokens", "completion_tokens")}
+    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    cached = sum(p["prompt_tokens_details"]["cached_tokens"] for p in parts)
+    return {**total, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
 @dataclass
 class Collected:
     """A whole non-streamed generation, folded from its increments."""
@@ -274,24 +318,29 @@ def chat_response(
 
 
 def completion_response(
-    c: Collected, response_id: str, created: int, model: str, top_k: int | None
+    done: list[Collected], response_id: str, created: int, model: str, top_k: int | None
 ) -> dict[str, Any]:
-    assert c.final is not None
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
+    """One choice per prompt, choice i for prompt i; usage summed over them."""
+    choices, usages = [], []
+    for i, c in enumerate(done):
+        assert c.final is not None
+        choices.append(
             {
-                "index": 0,
+                "index": i,
                 "text": c.text,
                 "logprobs": None if top_k is None else completion_logprobs(c.logprobs, top_k),
                 "finish_reason": c.final.finish_reason,
                 "stop_reason": c.final.stop_reason,
             }
-        ],
-        "usage": usage(c.final, len(c.token_ids)),
+        )
+        usages.append(usage(c.final, len(c.token_ids)))
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": summed_usage(usages),
     }
 
 

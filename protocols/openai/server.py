@@ -18,6 +18,7 @@ import uvicorn
 
 from protocols.client import AsyncEngineClient
 from protocols.openai.app import build_app
+from protocols.openai.generation_config import sampling_defaults
 from protocols.stage import Stage
 
 STOP_GRACE_S = 3  # whole seconds: uvicorn's timeout_graceful_shutdown is an int
@@ -47,8 +48,15 @@ class OpenAIServerActor(Stage):
     /version."""
 
     async def setup(self) -> dict[str, Any]:
+        defaults = sampling_defaults(self.config)  # a bad generation_config.json fails the start
+        if defaults:
+            self.log.info(
+                "request sampling defaults from generation_config.json (--generation-config "
+                "vllm ignores them)",
+                **defaults,
+            )
         self.client = AsyncEngineClient(self.addresses.front)
-        self.app = build_app(self.client, self.config)
+        self.app = build_app(self.client, self.config, defaults)
         self.sock = bind(self.config.host, self.config.port)
         port = self.sock.getsockname()[1]
         c = self.config

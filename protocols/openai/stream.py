@@ -1,10 +1,12 @@
 """Server-sent events for streamed chat and text completions, in OpenAI's chunk shapes.
 
-Back path of a `stream=true` request: RequestOutput increments from the engine client -> SSE bytes.
+Back path of a `stream=true` request: RequestOutput increments from the engine client (one stream
+per choice; a completion with a list of prompts has several) -> SSE bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -14,7 +16,14 @@ import anyio
 import orjson
 
 from protocols.messages import ErrorInfo, RequestOutput
-from protocols.openai.convert import chat_logprobs, chunk, completion_logprobs, error_body, usage
+from protocols.openai.convert import (
+    chat_logprobs,
+    chunk,
+    completion_logprobs,
+    error_body,
+    summed_usage,
+    usage,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -34,6 +43,7 @@ class ChunkRenderer:
     top_k: int | None  # None: no logprobs
     object: str = ""
     completion_tokens: int = 0
+    index: int = 0  # the choice this renderer's stream is
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return chunk(
@@ -58,20 +68,19 @@ class ChunkRenderer:
             body["tessera"] = out.mm_info
         return [body]
 
+    def usage(self, out: RequestOutput) -> dict[str, Any]:
+        """This choice's usage, `out` being its final increment."""
+        return usage(out, self.completion_tokens)
+
     def finish(self, out: RequestOutput) -> list[dict[str, Any]]:
+        return self.usage_chunk([self.usage(out)])
+
+    def usage_chunk(self, usages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The last chunk, with no choices and the usage of every choice summed (if asked)."""
         if not self.include_usage:
             return []
-        return [
-            chunk(
-                self.response_id,
-                self.object,
-                self.created,
-                self.model,
-                [],
-                True,
-                usage(out, self.completion_tokens),
-            )
-        ]
+        summed = summed_usage(usages)
+        return [chunk(self.response_id, self.object, self.created, self.model, [], True, summed)]
 
 
 @dataclass
@@ -80,7 +89,8 @@ class ChatChunks(ChunkRenderer):
 
     def start(self) -> list[dict[str, Any]]:
         delta = {"role": "assistant", "content": ""}
-        return [self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})]
+        choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return [self._chunk(choice)]
 
     def choice(self, out: RequestOutput) -> dict[str, Any]:
         logprobs = None
@@ -88,7 +98,7 @@ class ChatChunks(ChunkRenderer):
             logprobs = chat_logprobs(out.logprobs, self.top_k)
         delta = {"content": out.text} if out.text else {}
         return {
-            "index": 0,
+            "index": self.index,
             "delta": delta,
             "logprobs": logprobs,
             "finish_reason": out.finish_reason,
@@ -106,7 +116,7 @@ class CompletionChunks(ChunkRenderer):
             logprobs = completion_logprobs(out.logprobs, self.top_k, self.text_offset)
             self.text_offset += sum(len(p.sampled.token) for p in out.logprobs)
         return {
-            "index": 0,
+            "index": self.index,
             "text": out.text,
             "logprobs": logprobs,
             "finish_reason": out.finish_reason,
@@ -119,7 +129,8 @@ async def close_quietly(outputs: AsyncGenerator[RequestOutput, None]) -> None:
         await outputs.aclose()
 
 
-def _failure(out: RequestOutput) -> ErrorInfo | None:
+def failure_of(out: RequestOutput) -> ErrorInfo | None:
+    """The error an increment carries (an engine refusal or failure); None for output."""
     if out.error is not None:
         return out.error
     if out.finish_reason == "error":
@@ -127,32 +138,83 @@ def _failure(out: RequestOutput) -> ErrorInfo | None:
     return None
 
 
-async def sse(
-    first: RequestOutput, outputs: AsyncGenerator[RequestOutput, None], renderer: ChunkRenderer
-) -> AsyncGenerator[bytes, None]:
-    """The event stream of one request; `first` is the increment already read to check errors."""
+async def _continued(
+    first: RequestOutput, outputs: AsyncGenerator[RequestOutput, None]
+) -> AsyncGenerator[RequestOutput, None]:
+    """`first`, then the stream's increments, up to one that finishes it; a stream that ends
+    early or fails ends with an error increment."""
+    out = first
+    while True:
+        yield out
+        if out.finish_reason is not None or out.error is not None:
+            return
+        try:
+            out = await outputs.__anext__()
+        except StopAsyncIteration:
+            out = RequestOutput(request_id=first.request_id, finish_reason="error")
+        except Exception as exc:  # the engine link failed mid-stream
+            info = ErrorInfo(f"engine error: {exc}", "InternalServerError", None, 500)
+            out = RequestOutput(request_id=first.request_id, finish_reason="error", error=info)
+
+
+async def _merged(
+    firsts: list[RequestOutput], streams: list[AsyncGenerator[RequestOutput, None]]
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """(choice, increment) pairs of every stream, in arrival order."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(_continued(firsts[0], streams[0])) as one:
+            async for out in one:
+                yield 0, out
+        return
+    arrived: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        async with contextlib.aclosing(_continued(firsts[i], streams[i])) as one:
+            async for out in one:
+                arrived.put_nowait((i, out))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
     try:
-        for body in renderer.start():
-            yield event(body)
-        out = first
         while True:
-            failure = _failure(out)
+            yield await arrived.get()
+    finally:
+        for task in pumps:
+            task.cancel()
+        with anyio.move_on_after(5, shield=True):
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def sse(
+    firsts: list[RequestOutput],
+    streams: list[AsyncGenerator[RequestOutput, None]],
+    renderers: list[ChunkRenderer],
+) -> AsyncGenerator[bytes, None]:
+    """The event stream of one response: choice i is `streams[i]` (whose first increment,
+    `firsts[i]`, was already read to check errors), rendered by `renderers[i]`. A failure of any
+    choice ends the stream with an error event."""
+    merged = _merged(firsts, streams)
+    try:
+        for renderer in renderers:
+            for body in renderer.start():
+                yield event(body)
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merged:
+            failure = failure_of(out)
             if failure is not None:
                 yield event(error_body(failure))
                 break
-            for body in renderer.render(out):
+            for body in renderers[i].render(out):
                 yield event(body)
             if out.finish_reason is not None:
-                for body in renderer.finish(out):
-                    yield event(body)
-                break
-            try:
-                out = await outputs.__anext__()
-            except StopAsyncIteration:
-                out = RequestOutput(request_id=first.request_id, finish_reason="error")
-            except Exception as exc:  # the engine link failed mid-stream
-                info = ErrorInfo(f"engine error: {exc}", "InternalServerError", None, 500)
-                out = RequestOutput(request_id=first.request_id, finish_reason="error", error=info)
+                finals[i] = out
+                if len(finals) == len(streams):
+                    usages = [r.usage(finals[k]) for k, r in enumerate(renderers)]
+                    for body in renderers[0].usage_chunk(usages):
+                        yield event(body)
+                    break
         yield DONE
     finally:
-        await close_quietly(outputs)
+        with anyio.move_on_after(5, shield=True):
+            await merged.aclose()
+        for outputs in streams:
+            await close_quietly(outputs)

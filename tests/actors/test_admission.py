@@ -57,6 +57,13 @@ def refused(param: str | None, call: Any, *args: Any) -> str:
         ("stop_token_ids", [VOCAB], "stop_token_ids"),
         ("stop_token_ids", [-1], "stop_token_ids"),
         ("stop_token_ids", [True], "stop_token_ids"),
+        ("logit_bias", {VOCAB: 1.0}, "logit_bias"),
+        ("logit_bias", {-1: 1.0}, "logit_bias"),
+        ("logit_bias", {"12": 1.0}, "logit_bias"),
+        ("logit_bias", {12: 100.5}, "logit_bias"),
+        ("logit_bias", {12: -101}, "logit_bias"),
+        ("logit_bias", {12: "up"}, "logit_bias"),
+        ("logit_bias", [12], "logit_bias"),
     ],
 )
 def test_sampling_values_out_of_range_are_refused(field: str, value: Any, param: str) -> None:
@@ -74,6 +81,8 @@ def test_sampling_values_out_of_range_are_refused(field: str, value: Any, param:
         {"presence_penalty": -2, "frequency_penalty": 2.0, "logprobs": 0},
         {"logprobs": 20, "max_tokens": 1, "min_tokens": 1, "seed": -7},
         {"stop": ["a", ""], "stop_token_ids": [0, VOCAB - 1], "ignore_eos": True},
+        {"logit_bias": {0: -100, VOCAB - 1: 100.0}},
+        {"logit_bias": {}},
     ],
 )
 def test_sampling_values_at_their_bounds_pass(kw: dict[str, Any]) -> None:
@@ -239,6 +248,15 @@ def test_template_kwargs_may_not_replace_the_engines_arguments() -> None:
     refused("chat_template_kwargs", admission.check_template_kwargs, ["x"])
     message = refused("chat_template_kwargs", admission.check_template_kwargs, {"messages": []})
     assert "'messages'" in message
+
+
+def test_continue_final_message_excludes_the_generation_prompt() -> None:
+    admission.check_generation_prompt(True, False)
+    admission.check_generation_prompt(False, True)
+    message = refused("continue_final_message", admission.check_generation_prompt, True, True)
+    assert "add_generation_prompt" in message
+    refused("continue_final_message", admission.check_generation_prompt, False, "yes")
+    refused("chat_template_kwargs", admission.check_template_kwargs, {"continue_final_message": 1})
 
 
 def test_image_placeholders_one_per_image() -> None:

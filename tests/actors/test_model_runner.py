@@ -22,7 +22,7 @@ from tests.fixtures.vl_checkpoint import (
     VISION_START_ID,
     make_qwen2_5_vl_checkpoint,
 )
-from tests.models.paged_runner import cpu_runner, greedy_request, run_plans
+from tests.models.paged_runner import greedy_request, paged_runner, run_plans
 from tests.models.test_gguf_smollm2 import default_gguf_path
 from tests.models.vl_runner import VLPrompt, vl_request
 
@@ -65,8 +65,8 @@ def decode_until(
 def test_preemption_keeps_state_and_the_recompute_continues_the_same_tokens(
     model: Decoder, sampling: dict[str, object]
 ) -> None:
-    want = run_plans(cpu_runner(model, 16), [greedy_request("a", PROMPT, 8, **sampling)], 8)
-    runner = cpu_runner(model, 16)
+    want = run_plans(paged_runner(model, 16), [greedy_request("a", PROMPT, 8, **sampling)], 8)
+    runner = paged_runner(model, 16)
     request = greedy_request("a", PROMPT, 8, **sampling)
     first = ScheduledSequence("a", 0, len(PROMPT), [3, 0, 5, 9], True)
     runner.execute(StepPlan(0, [first], [request]))
@@ -84,8 +84,8 @@ def test_preemption_keeps_state_and_the_recompute_continues_the_same_tokens(
 
 
 def test_recompute_in_chunks_samples_only_at_the_last_token(model: Decoder) -> None:
-    want = run_plans(cpu_runner(model, 16), [greedy_request("a", PROMPT, 6)], 6)[0].output
-    runner = cpu_runner(model, 16)
+    want = run_plans(paged_runner(model, 16), [greedy_request("a", PROMPT, 6)], 6)[0].output
+    runner = paged_runner(model, 16)
     runner.execute(
         StepPlan(
             0, [ScheduledSequence("a", 0, 9, [0, 1, 2], True)], [greedy_request("a", PROMPT, 6)]
@@ -104,7 +104,7 @@ def test_recompute_in_chunks_samples_only_at_the_last_token(model: Decoder) -> N
 def test_seeded_sampling_is_reproducible_whatever_the_batch(model: Decoder) -> None:
     def run(requests: list[tuple[str, int | None]]) -> dict[str, list[int]]:
         reqs = [greedy_request(rid, PROMPT, 6, temperature=2.0, seed=s) for rid, s in requests]
-        jobs = run_plans(cpu_runner(model, 32), reqs, 6)
+        jobs = run_plans(paged_runner(model, 32), reqs, 6)
         return {j.request.request_id: j.output for j in jobs}
 
     alone = run([("x", 1234)])["x"]
@@ -114,7 +114,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model: Decoder) -> N
 
 
 def test_logprobs_come_with_the_alternatives_asked_for(model: Decoder) -> None:
-    runner = cpu_runner(model, 8)
+    runner = paged_runner(model, 8)
     request = greedy_request("a", PROMPT, 4, logprobs=3)
     (token,) = runner.execute(
         StepPlan(0, [ScheduledSequence("a", 0, 9, [0, 1, 2], True)], [request])
@@ -125,7 +125,7 @@ def test_logprobs_come_with_the_alternatives_asked_for(model: Decoder) -> None:
 
 
 def test_plans_the_runner_cannot_follow_are_refused(model: Decoder) -> None:
-    runner = cpu_runner(model, 8)
+    runner = paged_runner(model, 8)
     with pytest.raises(ValueError, match="unknown to this executor"):
         runner.execute(StepPlan(0, [ScheduledSequence("zz", 0, 9, [0, 1, 2], True)]))
     request = greedy_request("a", PROMPT, 4)
@@ -152,7 +152,7 @@ def test_pixels_arrive_apart_and_are_dropped_when_their_last_request_ends(
     a, a_pixels = vl_request("a", VLPrompt(ids, [image]), 4, IMAGE_TOKEN_ID)
     b, b_pixels = vl_request("b", VLPrompt(ids, [image]), 4, IMAGE_TOKEN_ID)  # the same image
     digest = a.images[0].content_hash
-    runner = cpu_runner(vl_model, 16)
+    runner = paged_runner(vl_model, 16)
     plan = StepPlan(0, [ScheduledSequence("a", 0, len(ids), [0, 1, 2], True)], [a])
     assert runner.missing_pixels(plan) == {digest}
     runner.add_pixels(b_pixels[0])  # b's copy does not count for a
@@ -176,7 +176,7 @@ def test_pixels_of_a_request_that_ended_before_it_ran_are_dropped(
     image = (torch.zeros(16, 1176), (1, 4, 4))
     ids = [VISION_START_ID, *[IMAGE_TOKEN_ID] * 4, VISION_END_ID]
     request, pixels = vl_request("gone", VLPrompt(ids, [image]), 4, IMAGE_TOKEN_ID)
-    runner = cpu_runner(vl_model, 4)
+    runner = paged_runner(vl_model, 4)
     runner.add_pixels(pixels[0])
     plan = StepPlan(0, [], [request], ["gone"])  # finished in the plan that would admit it
     assert runner.missing_pixels(plan) == set()
@@ -190,7 +190,7 @@ def test_vl_runner_computes_mrope_positions_from_the_image_grids(
     image = (torch.zeros(16, 1176), (1, 4, 4))
     ids = [7, VISION_START_ID, *[IMAGE_TOKEN_ID] * 4, VISION_END_ID, 8]
     request, pixels = vl_request("a", VLPrompt(ids, [image]), 4, IMAGE_TOKEN_ID)
-    runner = cpu_runner(vl_model, 4)
+    runner = paged_runner(vl_model, 4)
     runner.add_pixels(pixels[0])
     runner.execute(StepPlan(0, [], [request]))
     state = runner.requests["a"]
@@ -225,7 +225,7 @@ def test_bf16_runner_answers_like_the_fp32_one() -> None:
     )
     answers: dict[torch.dtype, list[str]] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        runner = cpu_runner(load_model(path, CPU, dtype), 64)
+        runner = paged_runner(load_model(path, CPU, dtype), 64)
         answers[dtype] = []
         for batch in (1, 3):
             requests = [greedy_request(f"r{batch}-{i}", ids, 8) for i in range(batch)]

@@ -35,6 +35,15 @@ def test_nested_record_round_trips_exactly() -> None:
     assert isinstance(back.sampling, SamplingParams)
 
 
+def test_int_keyed_maps_round_trip_with_int_keys() -> None:
+    req = GenerateRequest("r1", SamplingParams(logit_bias={42: -100.0, 7: 2.5}), prompt="x")
+    back = decode(encode(req))
+    assert back == req and back.sampling.logit_bias == {42: -100.0, 7: 2.5}
+    # a key that is no integer stays as it came, for admission to refuse with a 400
+    odd = GenerateRequest("r2", SamplingParams(logit_bias={"x": 1.0}), prompt="x")  # type: ignore[dict-item]
+    assert decode(encode(odd)).sampling.logit_bias == {"x": 1.0}
+
+
 def test_lists_of_nested_records_decode_to_dataclasses() -> None:
     batch = TokenBatch([TokenDelta("a", [1, 2], [PositionLogprobs(TokenLogprob(1, -0.5), [])])])
     back = decode(encode(batch))

@@ -77,8 +77,6 @@ def test_two_different_models_are_refused(capsys: pytest.CaptureFixture[str]) ->
 def test_no_effect_flags_are_accepted_and_recorded() -> None:
     argv = [
         "--trust-remote-code",
-        "--generation-config",
-        "auto",
         "--enable-auto-tool-choice",
         "--tool-call-parser",
         "hermes",
@@ -92,7 +90,6 @@ def test_no_effect_flags_are_accepted_and_recorded() -> None:
     cfg = parse_args(argv)
     assert cfg.no_effect_flags == [
         "--trust-remote-code",
-        "--generation-config auto",
         "--enable-auto-tool-choice",
         "--tool-call-parser hermes",
         "--disable-log-requests",
@@ -133,6 +130,19 @@ def test_functional_vllm_flags_set_the_config(tmp_path: Path) -> None:
         "image": 3,
         "video": 0,
     }
+
+
+def test_generation_config_is_auto_vllm_or_a_folder_with_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_args([]).generation_config == "auto"
+    assert parse_args(["--generation-config", "vllm"]).generation_config == "vllm"
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.5}')
+    cfg = parse_args(["--generation-config", str(tmp_path)])
+    assert cfg.generation_config == str(tmp_path) and cfg.no_effect_flags == []
+    assert EngineConfig.from_json(cfg.to_json()).generation_config == str(tmp_path)
+    message = refused(["--generation-config", str(tmp_path / "nowhere")], capsys)
+    assert "generation_config.json" in message
 
 
 def test_quantization_is_refused_with_a_reason(capsys: pytest.CaptureFixture[str]) -> None:

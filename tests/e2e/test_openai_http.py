@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 
+from protocols.client import EngineClient, new_request
+
 HELLO_IDS = [9707, 11, 1879, 0]  # "Hello, world!" in the Qwen2.5 tokenizer
 GREEDY: dict[str, Any] = {"temperature": 0.0}
 
@@ -329,3 +331,140 @@ def test_api_key_required(server_with_key):
     assert httpx.get(f"{root(server_with_key)}/health").status_code == 200
     models = client(server_with_key, api_key=server_with_key.api_key).models.list()
     assert server_with_key.model in [m.id for m in models.data]
+
+
+# ---------------------------------------------------------------- logit_bias
+
+
+def greedy_ids(server: Any, prompt_ids: list[int], n: int, **sampling: Any) -> list[int]:
+    """The engine's greedy token ids for a prompt, through the ZMQ SDK (HTTP shows only text)."""
+    with EngineClient(server.engine.front) as sdk:
+        req = new_request(
+            prompt_token_ids=prompt_ids, max_tokens=n, temperature=0, ignore_eos=True, **sampling
+        )
+        return sdk.complete(req).token_ids
+
+
+def detokenize(server: Any, ids: list[int]) -> str:
+    r = httpx.post(root(server) + "/detokenize", json={"tokens": ids}, timeout=60)
+    return r.json()["prompt"]
+
+
+def test_logit_bias_bans_the_greedy_token_and_forces_another(server):
+    first = greedy_ids(server, HELLO_IDS, 1)[0]
+    c = client(server)
+    kw: dict[str, Any] = dict(
+        model=server.model,
+        prompt=HELLO_IDS,
+        max_tokens=1,
+        extra_body={"ignore_eos": True},
+        **GREEDY,
+    )
+    plain = c.completions.create(**kw).choices[0].text
+    banned = c.completions.create(logit_bias={str(first): -100}, **kw).choices[0].text
+    assert plain == detokenize(server, [first]) and banned != plain
+    runner_up = greedy_ids(server, HELLO_IDS, 1, logit_bias={first: -100.0})[0]
+    assert runner_up != first and banned == detokenize(server, [runner_up])
+    forced = c.completions.create(**{**kw, "max_tokens": 3}, logit_bias={"1234": 100})
+    assert forced.choices[0].text == detokenize(server, [1234] * 3)
+
+
+def test_mixed_batch_with_and_without_logit_bias_matches_sequential(server):
+    def complete(i: int) -> str:
+        bias = {"1234": 100} if i % 2 else None
+        r = client(server).completions.create(
+            model=server.model,
+            prompt=PROMPTS[i],
+            max_tokens=6,
+            logit_bias=bias,
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
+        return r.choices[0].text
+
+    sequential = [complete(i) for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        concurrent = list(pool.map(complete, range(len(PROMPTS))))
+    assert concurrent == sequential
+    assert all(t == detokenize(server, [1234] * 6) for t in sequential[1::2])
+    assert all(t != sequential[1] for t in sequential[0::2])
+
+
+@pytest.mark.parametrize(
+    "bias,words",
+    [({"151936000": 1}, "not a token id"), ({"12": 200}, "[-100, 100]"), ({"x": 1}, "token ids")],
+)
+def test_bad_logit_bias_is_400(server, bias, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat_once(server, "hi", max_tokens=1, logit_bias=bias)
+    assert words in e.value.message
+
+
+# ---------------------------------------------------------------- a list of prompts
+
+
+def test_completion_with_a_list_of_prompts_matches_one_by_one(server):
+    c = client(server)
+    kw: dict[str, Any] = dict(
+        model=server.model, max_tokens=6, extra_body={"ignore_eos": True}, **GREEDY
+    )
+    prompts = PROMPTS[:3]
+    singles = [c.completions.create(prompt=p, **kw) for p in prompts]
+    batch = c.completions.create(prompt=prompts, **kw)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2]
+    assert [ch.text for ch in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 18
+    by_ids = c.completions.create(prompt=[HELLO_IDS, HELLO_IDS[:2]], **kw)
+    assert by_ids.usage.prompt_tokens == 6 and len(by_ids.choices) == 2
+
+    text: dict[int, str] = {}
+    chunks = list(
+        c.completions.create(
+            prompt=prompts, stream=True, stream_options={"include_usage": True}, **kw
+        )
+    )
+    for ch in chunks[:-1]:
+        (choice,) = ch.choices
+        text[choice.index] = text.get(choice.index, "") + choice.text
+    assert [text[i] for i in range(3)] == [ch.text for ch in batch.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+
+
+# ---------------------------------------------------------------- continue_final_message
+
+
+def test_continue_final_message_goes_on_with_the_assistant_text(server):
+    messages: list[Any] = [
+        {"role": "user", "content": "Count to five."},
+        {"role": "assistant", "content": "One, two,"},
+    ]
+    flags = {"add_generation_prompt": False, "continue_final_message": True}
+    tok = httpx.post(root(server) + "/tokenize", json={"messages": messages, **flags}, timeout=60)
+    assert tok.status_code == 200, tok.text
+    prompt = detokenize(server, tok.json()["tokens"])
+    assert prompt.endswith("<|im_start|>assistant\nOne, two,")  # left open, no <|im_end|>
+    r = client(server).chat.completions.create(
+        model=server.model,
+        messages=messages,
+        max_tokens=4,
+        extra_body={"ignore_eos": True, **flags},
+        **GREEDY,
+    )
+    assert r.usage is not None and r.usage.prompt_tokens == tok.json()["count"]
+    same = client(server).completions.create(
+        model=server.model,
+        prompt=tok.json()["tokens"],
+        max_tokens=4,
+        extra_body={"ignore_eos": True},
+        **GREEDY,
+    )
+    assert r.choices[0].message.content == same.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(
+            model=server.model,
+            messages=messages,
+            max_tokens=1,
+            extra_body={"continue_final_message": True},  # add_generation_prompt stays true
+        )
+    assert "add_generation_prompt" in e.value.message

@@ -7,6 +7,7 @@ processes and sockets; fixtures from tests/e2e/conftest.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import _Server
+from tests.e2e.conftest import SERVER_ARGS, _Server
 from tests.e2e.engine_process import EngineProcess
 
 HELLO_IDS = [9707, 11, 1879, 0]  # "Hello, world!" in the Qwen2.5 tokenizer
@@ -24,6 +25,8 @@ MESSAGES = [
 ]
 TLS = Path(__file__).resolve().parents[1] / "assets" / "tls"
 TEMPLATE = "{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
+# sampling defaults that make a request with no sampling fields greedy (top_k 1)
+GREEDY_BY_DEFAULT = {"temperature": 0.9, "top_k": 1, "do_sample": True, "eos_token_id": [0]}
 
 
 def post(url: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
@@ -89,7 +92,6 @@ def test_ping_get_and_post(server: _Server) -> None:
 
 NO_EFFECT = [
     ["--trust-remote-code"],
-    ["--generation-config", "auto"],
     ["--enable-auto-tool-choice"],
     ["--tool-call-parser", "hermes"],
     ["--disable-log-requests"],
@@ -103,6 +105,8 @@ NO_EFFECT = [
 def vllm_style(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text(TEMPLATE)
+    generation = tmp_path_factory.mktemp("generation")
+    (generation / "generation_config.json").write_text(json.dumps(GREEDY_BY_DEFAULT))
     args = [
         str(tiny_qwen2),  # positional, as `vllm serve MODEL`; no --served-model-name
         "--max-model-len",
@@ -131,6 +135,8 @@ def vllm_style(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "--quantization",
         "none",
         "--disable-log-stats",
+        "--generation-config",
+        str(generation),
         *[part for flag in NO_EFFECT for part in flag],
     ]
     eng = EngineProcess("", args).start()
@@ -179,3 +185,51 @@ def test_max_logprobs_root_path_cors_and_tls(vllm_style: Any) -> None:
     assert openapi["servers"] == [{"url": "/api"}]
     cors = httpx.get(base + "/models", headers={"Origin": "https://ui.example"}, verify=False)
     assert cors.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def unset_vs_greedy(base: str) -> tuple[str, str]:
+    """The text of a completion that sets no sampling field, and of the greedy one."""
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True}
+    texts = []
+    for extra in ({}, {"temperature": 0}):
+        r = post(base + "/completions", {**body, **extra})
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    return texts[0], texts[1]
+
+
+def test_generation_config_folder_gives_the_defaults(vllm_style: Any) -> None:
+    unset, greedy = unset_vs_greedy(vllm_style.base_url)
+    assert unset == greedy  # top_k 1 from the file
+    log = Path(vllm_style.log_path).read_text()
+    assert "request sampling defaults from generation_config.json" in log and "top_k=1" in log
+
+
+@pytest.fixture(scope="module")
+def model_with_defaults(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_qwen2 whose own generation_config.json carries sampling defaults."""
+    folder = tmp_path_factory.mktemp("defaults") / "tiny-qwen2-defaults"
+    folder.mkdir()
+    for item in tiny_qwen2.iterdir():
+        if item.name != "generation_config.json":
+            (folder / item.name).symlink_to(item)
+    own = json.loads((tiny_qwen2 / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**own, **GREEDY_BY_DEFAULT}))
+    return folder
+
+
+@pytest.mark.parametrize("source", ["auto", "vllm"])
+def test_generation_config_auto_reads_the_model_folder_and_vllm_ignores_it(
+    model_with_defaults: Path, source: str
+) -> None:
+    args = [*SERVER_ARGS, "--log-level", "info", "--generation-config", source]
+    eng = EngineProcess(str(model_with_defaults), args).start()
+    try:
+        unset, greedy = unset_vs_greedy(eng.base_url)
+        log = Path(eng.log_path).read_text()
+    finally:
+        eng.stop()
+    applied = "request sampling defaults from generation_config.json" in log
+    assert applied == (source == "auto")
+    if source == "auto":
+        assert unset == greedy

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.execution import KVPool, ModelRunner
-from devices.cpu import CpuPlatform
+from devices import Platform, get_platform
 from models.decoder import Decoder
 from protocols.messages import (
     EngineRequest,
@@ -20,10 +20,20 @@ from protocols.messages import (
 )
 
 
-def cpu_runner(model: Decoder, num_blocks: int, block_size: int = 4) -> ModelRunner:
-    """A runner around an already loaded model, with a pool of `num_blocks` blocks."""
+def paged_runner(
+    model: Decoder,
+    num_blocks: int,
+    block_size: int = 4,
+    *,
+    enforce_eager: bool = False,
+    platform: Platform | None = None,
+) -> ModelRunner:
+    """A runner around an already loaded model, on the platform of the model's device (CPU, or
+    CUDA with recorded decode steps unless enforce_eager), with a pool of `num_blocks` blocks."""
     max_len = model.config.max_position_embeddings
-    return ModelRunner(model, CpuPlatform(), KVPool(num_blocks, block_size, max_len))
+    platform = platform or get_platform(model.embed_tokens.weight.device.type)
+    pool = KVPool(num_blocks, block_size, max_len)
+    return ModelRunner(model, platform, pool, max_num_seqs=8, enforce_eager=enforce_eager)
 
 
 def greedy_request(
@@ -141,6 +151,6 @@ def greedy_generate(
     """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V])."""
     requests = [greedy_request(f"r{i}", p, max_new_tokens) for i, p in enumerate(prompts)]
     blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
-    runner = cpu_runner(model, blocks, block_size)
+    runner = paged_runner(model, blocks, block_size)
     jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, None, shuffle_blocks)
     return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]

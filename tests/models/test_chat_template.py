@@ -125,3 +125,41 @@ def test_sandbox_blocks_attribute_escape() -> None:
 def test_template_compiled_once() -> None:
     source = "{{ messages | length }} compiled once"
     assert compile_chat_template(source) is compile_chat_template(source)
+
+
+CONTINUED = [
+    [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "One, two,"}],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there  "},  # trailing spaces kept by the template
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONTINUED)
+def test_continue_final_message_matches_transformers(messages: list) -> None:
+    for ours, ref in (qwen_pair(), gguf_pair()):
+        expected = ref.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+        )
+        got = ours.apply_chat_template(messages, False, continue_final_message=True)
+        assert got == expected
+        assert got.endswith(messages[-1]["content"])  # left open: no end-of-turn token after it
+
+
+def test_continue_final_message_in_the_last_text_part() -> None:
+    template = "{% for m in messages %}[{% for p in m.content %}{{ p.text | trim }}{% endfor %}]{% endfor %}"
+    parts = [{"type": "text", "text": "Look: "}, {"type": "text", "text": "a cat "}]
+    messages = [{"role": "assistant", "content": parts}]
+    # the template trims each part: the cut drops the trimmed space and the closing bracket
+    assert render_chat_template(template, messages, False, True) == "[Look:a cat"
+    assert parts[1]["text"] == "a cat "  # the caller's messages are left as they were
+
+
+def test_continue_final_message_needs_text_the_template_renders() -> None:
+    drops = "{% for m in messages %}{{ m.role }}{% endfor %}"
+    with pytest.raises(ValueError, match="does not render the final message"):
+        render_chat_template(drops, [{"role": "user", "content": "x"}], False, True)
+    with pytest.raises(ValueError, match="no text to continue"):
+        render_chat_template(drops, [{"role": "user", "content": None}], False, True)

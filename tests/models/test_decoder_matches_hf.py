@@ -1,5 +1,5 @@
-"""Our paged Decoder vs transformers on tiny random checkpoints: greedy ids exact, logits close.
-Covers Qwen2 (GQA untied, MHA tied, sharded), Llama (llama3 and linear RoPE scaling), chunked prefill."""
+"""Our paged Decoder (CPU, and CUDA where present) vs transformers on tiny random checkpoints:
+greedy ids exact, logits close. Covers Qwen2 (GQA untied, MHA tied, sharded), Llama (llama3 and linear RoPE scaling), chunked prefill."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from devices.cuda import CudaPlatform
 from models import load_model
 from tests.fixtures.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint
 from tests.models.paged_runner import greedy_generate
@@ -74,14 +75,23 @@ def reference(checkpoint: Path) -> tuple[list[list[int]], list[torch.Tensor]]:
     return outputs, logits
 
 
+CUDA = pytest.mark.skipif(
+    not CudaPlatform().is_available(), reason="needs an NVIDIA GPU; none is available here"
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("prefill_chunk", [None, 3])
 def test_paged_greedy_matches_hf(
     checkpoint: Path,
     reference: tuple[list[list[int]], list[torch.Tensor]],
     prefill_chunk: int | None,
+    device: str,
 ) -> None:
-    model = load_model(str(checkpoint), torch.device("cpu"), torch.float32)
+    """On CUDA: SDPA prefill, the Triton decode kernel and recorded (graph) decode steps."""
+    model = load_model(str(checkpoint), torch.device(device), torch.float32)
     ours, our_logits = greedy_generate(model, PROMPTS, MAX_NEW, prefill_chunk=prefill_chunk)
+    our_logits = [logits.cpu() for logits in our_logits]
     hf_outputs, hf_logits = reference
     for prompt, mine, theirs, ml, tl in zip(
         PROMPTS, ours, hf_outputs, our_logits, hf_logits, strict=True

@@ -1,4 +1,5 @@
-"""Tests for the batched sampler: greedy, truncation, seeds, penalties, min_tokens, logprobs.
+"""Tests for the batched sampler: greedy, truncation, seeds, penalties, min_tokens, logit bias,
+logprobs.
 
 Pure CPU; reference values come from transformers' logits processors or are computed by hand.
 """
@@ -49,6 +50,7 @@ COLUMNS = {
     "prompt_token_ids": "prompt_token_ids",
     "output_token_ids": "output_token_ids",
     "generators": "generator",
+    "logit_biases": "logit_bias",
 }
 
 
@@ -240,6 +242,53 @@ def test_min_tokens_bans_stop_ids_until_reached() -> None:
     assert sample(logits, batch).token_ids.tolist() == [11, eos]
 
 
+def test_logit_bias_applies_to_its_own_rows_of_a_mixed_batch() -> None:
+    vocab = 40
+    logits = random_logits(4, vocab, seed=7)
+    best = logits.argmax(-1).tolist()
+    runner_up = logits.topk(2, dim=-1).indices[:, 1].tolist()
+    worst = logits.argmin(-1).tolist()
+    batch = make_batch(
+        4,
+        vocab,
+        temperatures=[0.0, 0.0, 0.8, 0.8],
+        logit_biases=[{best[0]: -100.0}, None, {worst[2]: 100.0}, {}],
+        generators=[None, None, seeded(3), seeded(4)],
+        max_logprobs=1,
+    )
+    greedy_ban = sample(logits, batch)
+    assert greedy_ban.token_ids.tolist()[:3] == [runner_up[0], best[1], worst[2]]
+    # logprobs stay those of the raw logits (vLLM's default), bias or not
+    assert greedy_ban.logprobs is not None
+    raw = logits.log_softmax(-1)
+    torch.testing.assert_close(
+        greedy_ban.logprobs, raw.gather(1, greedy_ban.token_ids[:, None]).squeeze(1)
+    )
+    # the unbiased random row draws exactly what it draws in a batch without any bias
+    plain = make_batch(
+        4, vocab, temperatures=[0.0, 0.0, 0.8, 0.8], generators=[None, None, seeded(3), seeded(4)]
+    )
+    assert sample(logits, plain).token_ids[3] == greedy_ban.token_ids[3]
+
+
+def test_logit_bias_adds_to_the_logits_before_penalties() -> None:
+    vocab = 8
+    logits = torch.zeros(2, vocab)
+    logits[:, 2] = 1.0
+    # +1.5 on token 5 beats token 2; repetition penalty 2 on token 5 (seen in the prompt) halves
+    # the biased logit (1.5 -> 0.75), so token 2 wins again, as vLLM orders them
+    batch = make_batch(
+        2,
+        vocab,
+        temperatures=[0.0, 0.0],
+        logit_biases=[{5: 1.5}, {5: 1.5}],
+        repetition_penalties=[1.0, 2.0],
+        prompt_token_ids=[[5], [5]],
+    )
+    assert sample(logits, batch).token_ids.tolist() == [5, 2]
+    assert make_batch(2, vocab).bias_rows is None  # no request asked: no work
+
+
 def test_logprobs_are_raw_log_softmax_and_top_ids_sorted() -> None:
     vocab = 64
     logits = random_logits(3, vocab, seed=4)
@@ -292,6 +341,7 @@ def test_logits_are_not_modified_in_place() -> None:
         output_token_ids=[[4], [5]],
         min_tokens=[5, 5],
         stop_ids_for_min_tokens=[[0], [0]],
+        logit_biases=[{1: 5.0}, {2: -5.0}],
         max_logprobs=0,
     )
     out = sample(logits, batch)

@@ -12,7 +12,7 @@ import torch
 from core.codec import Buffer
 from models.qwen2_5_vl import Qwen2_5_VLModel
 from protocols.messages import EngineRequest, ImagePixels, ImageRef
-from tests.models.paged_runner import cpu_runner, greedy_request, run_plans
+from tests.models.paged_runner import greedy_request, paged_runner, run_plans
 
 
 @dataclass
@@ -60,6 +60,6 @@ def vl_greedy_generate(
         request, pixels[f"r{i}"] = vl_request(f"r{i}", prompt, max_new_tokens, image_token_id)
         requests.append(request)
     blocks = sum(-(-(len(p.ids) + max_new_tokens) // block_size) for p in prompts)
-    runner = cpu_runner(model, blocks, block_size)
+    runner = paged_runner(model, blocks, block_size)
     jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, pixels)
     return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]

@@ -77,11 +77,17 @@ class FakeClient:
         return HealthReply("h", self.ready, FACTS if self.ready else None)
 
 
-def make(script: Script = hello, api_key: str | None = None, ready: bool = True, **config: Any):
+def make(
+    script: Script = hello,
+    api_key: str | None = None,
+    ready: bool = True,
+    defaults: dict[str, Any] | None = None,
+    **config: Any,
+):
     fake = FakeClient(script, ready)
     fields: dict[str, Any] = {"served_model_name": ["tiny", "alias"], **config}
     engine_config = EngineConfig(model="/ckpt/tiny", api_key=api_key, **fields)
-    return fake, TestClient(build_app(fake, engine_config))  # type: ignore[arg-type]
+    return fake, TestClient(build_app(fake, engine_config, defaults))  # type: ignore[arg-type]
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
@@ -282,7 +288,7 @@ def test_closing_the_event_stream_early_closes_the_engine_stream():
         req = GenerateRequest("rid")
         outputs = fake.generate(req)
         first = await outputs.__anext__()
-        body = sse(first, outputs, ChatChunks("id", 1, "m", False, None))
+        body = sse([first], [outputs], [ChatChunks("id", 1, "m", False, None)])
         assert b"role" in await body.__anext__()
         await body.__anext__()
         await body.aclose()
@@ -339,7 +345,6 @@ def test_unknown_request_fields_are_logged_once_each_at_debug():
         ("/tokenize", {"model": "tiny"}, 400, "prompt"),
         ("/tokenize", {"prompt": 3}, 400, "prompt"),
         ("/tokenize", {"messages": "hi"}, 400, "messages"),
-        ("/tokenize", {**CHAT, "continue_final_message": True}, 400, "continue_final_message"),
         ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
         ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
         ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),
@@ -369,3 +374,105 @@ def test_cors_headers_only_for_allowed_origins():
     assert r.headers["access-control-allow-origin"] == "https://a.example"
     other = open_.get("/v1/models", headers={"Origin": "https://b.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+# ---------------------------------------------------------------- list prompts, defaults, bias
+
+
+def numbered(req: GenerateRequest) -> list[RequestOutput]:
+    """Each prompt's request answers with its own id's last character, then finishes."""
+    rid = req.request_id
+    n = len(req.prompt or "")
+    return [
+        RequestOutput(rid, text=f"<{req.prompt}>", token_ids=[1]),
+        RequestOutput(
+            rid, token_ids=[2], finish_reason="length", prompt_tokens=n, completion_tokens=2
+        ),
+    ]
+
+
+def test_completion_with_a_list_of_prompts_has_one_choice_each():
+    fake, http = make(numbered)
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "bbb", "cc"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [
+        (0, "<a>"),
+        (1, "<bbb>"),
+        (2, "<cc>"),
+    ]
+    assert body["usage"]["prompt_tokens"] == 6 and body["usage"]["completion_tokens"] == 6
+    assert body["usage"]["total_tokens"] == 12
+    rid = body["id"].removeprefix("cmpl-")
+    assert [q.request_id for q in fake.requests] == [f"{rid}-{i}" for i in range(3)]
+    assert sorted(fake.closed) == sorted(q.request_id for q in fake.requests)
+
+
+def test_streamed_list_of_prompts_interleaves_choices_and_sums_usage():
+    fake, http = make(numbered)
+    body = {
+        "model": "tiny",
+        "prompt": ["a", "bbb"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = events(http.post("/v1/completions", json=body).text)
+    assert chunks[-1] == "[DONE]"
+    *choices, usage = chunks[:-1]
+    text = {0: "", 1: ""}
+    finishes = {}
+    for c in choices:
+        (choice,) = c["choices"]
+        text[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert text == {0: "<a>", 1: "<bbb>"} and finishes == {0: "length", 1: "length"}
+    assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == 4
+    assert usage["usage"]["completion_tokens"] == 4
+    assert len({c["id"] for c in chunks[:-1]}) == 1
+    assert sorted(fake.closed) == sorted(q.request_id for q in fake.requests)
+
+
+def test_one_refused_prompt_refuses_the_batch_and_aborts_the_others():
+    def refuse_second(req: GenerateRequest) -> list[RequestOutput]:
+        if req.request_id.endswith("-1"):
+            err = ErrorInfo("the prompt is empty", param="prompt")
+            return [RequestOutput(req.request_id, finish_reason="error", error=err)]
+        return hello(req)
+
+    fake, http = make(refuse_second)
+    for stream in (False, True):
+        fake.closed.clear()
+        body = {"model": "tiny", "prompt": ["a", "b", "c"], "stream": stream}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "the prompt is empty"
+        assert len(fake.closed) == 3
+
+
+def test_unset_sampling_fields_take_the_generation_config_defaults():
+    defaults = {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    fake, http = make(defaults=defaults)
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    s = fake.requests[-1].sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_p) == (
+        0.3,
+        0.8,
+        20,
+        1.05,
+        0.0,
+    )
+    body = {"model": "tiny", "prompt": "x", "temperature": 0.0, "top_k": -1}
+    assert http.post("/v1/completions", json=body).status_code == 200
+    s = fake.requests[-1].sampling
+    assert (s.temperature, s.top_k, s.top_p) == (0.0, -1, 0.8)  # the request's own win
+
+
+def test_logit_bias_reaches_the_engine_and_bad_keys_are_400():
+    fake, http = make()
+    ok = http.post("/v1/chat/completions", json={**CHAT, "logit_bias": {"5": -100, "7": 2.5}})
+    assert ok.status_code == 200
+    assert fake.requests[-1].sampling.logit_bias == {5: -100.0, 7: 2.5}
+    for bias, words in (({"five": 1}, "token ids"), ({"5": 101}, "[-100, 100]")):
+        r = http.post("/v1/chat/completions", json={**CHAT, "logit_bias": bias})
+        assert r.status_code == 400 and words in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "logit_bias"

@@ -5,14 +5,18 @@ Covers the first and last hop of the HTTP path: request bodies -> GenerateReques
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from core.config import EngineConfig
 from protocols.messages import PositionLogprobs, RequestOutput, TokenLogprob
 from protocols.openai import convert
 from protocols.openai.convert import Collected, OpenAIError
+from protocols.openai.generation_config import sampling_defaults
 from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
 from protocols.openai.stream import ChatChunks, CompletionChunks
 
@@ -68,6 +72,43 @@ def test_chat_defaults_leave_sampling_defaults():
     s = convert.chat_request(chat(), "r").sampling
     assert s.max_tokens is None and s.temperature == 1.0 and s.top_p == 1.0 and s.top_k == 0
     assert s.logprobs is None and s.stop == [] and s.repetition_penalty == 1.0
+    assert s.logit_bias is None
+
+
+def test_generation_config_defaults_fill_only_unset_fields():
+    defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05}
+    s = convert.chat_request(chat(temperature=0.0, min_p=0.0), "r", defaults).sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (
+        0.0,
+        0.8,
+        20,
+        0.0,
+        1.0,
+    )
+
+
+def test_sampling_defaults_read_from_generation_config_json(tmp_path: Path) -> None:
+    model, other = tmp_path / "model", tmp_path / "other"
+    for folder, values in ((model, {"temperature": 0.7, "top_k": 20}), (other, {"top_p": 0.5})):
+        folder.mkdir()
+        extra = {"do_sample": True, "eos_token_id": [1, 2], "min_p": None, "max_new_tokens": 9}
+        (folder / "generation_config.json").write_text(json.dumps({**values, **extra}))
+    assert sampling_defaults(EngineConfig(model=str(model))) == {"temperature": 0.7, "top_k": 20}
+    assert sampling_defaults(EngineConfig(model=str(model), generation_config="vllm")) == {}
+    chosen = EngineConfig(model=str(model), generation_config=str(other))
+    assert sampling_defaults(chosen) == {"top_p": 0.5}
+    assert sampling_defaults(EngineConfig(model=str(tmp_path / "m.gguf"))) == {}  # none there
+    (model / "generation_config.json").write_text('{"temperature": "hot"}')
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_defaults(EngineConfig(model=str(model)))
+
+
+def test_logit_bias_keys_become_token_ids():
+    s = convert.chat_request(chat(logit_bias={"12": -100, "3": 0.5}), "r").sampling
+    assert s.logit_bias == {12: -100.0, 3: 0.5}
+    with pytest.raises(OpenAIError) as e:
+        convert.chat_request(chat(logit_bias={"x12": 1}), "r")
+    assert e.value.info.param == "logit_bias" and "x12" in str(e.value)
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
@@ -164,20 +205,36 @@ def test_resolve_model():
     ],
 )
 def test_completion_prompt_forms(prompt, text, ids):
-    gen = convert.completion_request(CompletionRequest(model="m", prompt=prompt), "r")
+    (gen,) = convert.completion_requests(CompletionRequest(model="m", prompt=prompt), "r")
     assert gen.prompt == text and gen.prompt_token_ids == ids and gen.messages is None
+    assert gen.request_id == "r"
+
+
+@pytest.mark.parametrize(
+    "prompt,texts,ids",
+    [
+        (["a", "b", "c"], ["a", "b", "c"], [None] * 3),
+        ([[1], [2, 3]], [None, None], [[1], [2, 3]]),
+    ],
+)
+def test_a_list_of_prompts_is_one_request_per_prompt(prompt, texts, ids):
+    gens = convert.completion_requests(
+        CompletionRequest(model="m", prompt=prompt, max_tokens=3), "r"
+    )
+    assert [g.request_id for g in gens] == [f"r-{i}" for i in range(len(texts))]
+    assert [g.prompt for g in gens] == texts and [g.prompt_token_ids for g in gens] == ids
+    assert all(g.sampling.max_tokens == 3 for g in gens)
+    assert len({id(g.sampling) for g in gens}) == len(gens)  # each its own record
 
 
 def test_completion_defaults_to_16_tokens_and_int_logprobs():
-    gen = convert.completion_request(CompletionRequest(model="m", prompt="x", logprobs=2), "r")
+    (gen,) = convert.completion_requests(CompletionRequest(model="m", prompt="x", logprobs=2), "r")
     assert gen.sampling.max_tokens == 16 and gen.sampling.logprobs == 2
 
 
 @pytest.mark.parametrize(
     "kw",
     [
-        {"prompt": ["a", "b"]},
-        {"prompt": [[1], [2]]},
         {"prompt": "x", "echo": True},
         {"prompt": "x", "best_of": 2},
         {"prompt": "x", "n": 3},
@@ -186,12 +243,12 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
 )
 def test_completion_rejections(kw):
     with pytest.raises(OpenAIError):
-        convert.completion_request(CompletionRequest(model="m", **kw), "r")
+        convert.completion_requests(CompletionRequest(model="m", **kw), "r")
 
 
 @pytest.mark.parametrize("prompt", ["", []])
 def test_empty_completion_prompt_is_left_to_the_engine(prompt):
-    gen = convert.completion_request(CompletionRequest(model="m", prompt=prompt), "r")
+    (gen,) = convert.completion_requests(CompletionRequest(model="m", prompt=prompt), "r")
     assert (gen.prompt, gen.prompt_token_ids) in [("", None), (None, [])]
 
 
@@ -261,10 +318,18 @@ def test_completion_response_shape():
     c = Collected()
     for out in outputs():
         c.add(out)
-    body = convert.completion_response(c, "cmpl-x", 1, "m", top_k=None)
+    body = convert.completion_response([c], "cmpl-x", 1, "m", top_k=None)
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["logprobs"] is None
     assert body["usage"]["total_tokens"] == 6
+    two = convert.completion_response([c, c], "cmpl-x", 1, "m", top_k=None)
+    assert [ch["index"] for ch in two["choices"]] == [0, 1]
+    assert two["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": 4,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
 
 
 def test_chat_chunks_with_usage():
