@@ -67,6 +67,22 @@ def profile_step(runner: ModelRunner, context: int) -> None:
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30), flush=True)
 
 
+def profile_replays(runner: ModelRunner, sizes: list[int]) -> None:
+    """Device kernels inside recorded steps, by total time over 10 replays per size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    assert runner.graphs is not None
+    for size in sizes:
+        replay = runner.graphs.graphs[size]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                replay()
+            runner.graphs.lens.sum().item()  # waits for the replays
+        print(f"recorded step, batch {size}: 10 replays", flush=True)
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+        print(table, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -83,6 +99,9 @@ def main() -> None:
         help="graphs-uncompiled: recorded without torch.compile (TESSERA_COMPILE=0)",
     )
     ap.add_argument("--profile", action="store_true", help="kernel table of one eager step")
+    ap.add_argument(
+        "--profile-replay", action="store_true", help="kernel tables of recorded steps (1, max)"
+    )
     args = ap.parse_args()
     platform = get_platform(args.device)
     max_batch = max(args.batch)
@@ -114,6 +133,8 @@ def main() -> None:
                 replay()
             platform.synchronize(runner.device)
             print(f"{mode}: replay alone, batch 1: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms")
+        if args.profile_replay and runner.graphs is not None:
+            profile_replays(runner, [1, max_batch])
         if args.profile and mode == "eager":
             profile_step(runner, args.context)
         for batch in args.batch:
