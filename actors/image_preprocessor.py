@@ -44,6 +44,12 @@ class Prepared:
     request: EngineRequest
 
 
+def array_buffer(array: np.ndarray) -> Buffer:
+    """A numpy array as a wire Buffer (its bytes travel as their own frame, uncopied)."""
+    array = np.ascontiguousarray(array)
+    return Buffer(array.dtype.name, list(array.shape), array.data)
+
+
 class ImagePreprocessorActor(Stage):
     async def setup(self) -> dict[str, Any]:
         self.processor = (
@@ -174,10 +180,12 @@ class ImagePreprocessorActor(Stage):
                 )
             )
             if digest not in pixels:
-                pv = np.ascontiguousarray(processed.pixel_values, dtype=np.float32)
-                buffer = Buffer("float32", list(pv.shape), pv.data)
                 pixels[digest] = ImagePixels(
-                    req.request_id, digest, list(processed.grid_thw), buffer
+                    req.request_id,
+                    digest,
+                    list(processed.grid_thw),
+                    array_buffer(processed.patches),
+                    None if processed.value_table is None else array_buffer(processed.value_table),
                 )
             ids.extend([tok] * processed.num_tokens)
         request = EngineRequest(

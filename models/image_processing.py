@@ -76,11 +76,31 @@ class ImageProcessorConfig:
 
 @dataclass
 class ProcessedImage:
-    pixel_values: np.ndarray  # float32 [grid_t*grid_h*grid_w, C*temporal_patch*patch*patch]
+    """`patches` [grid_t*grid_h*grid_w, C*temporal_patch*patch*patch]: float32 model inputs, or,
+    for 8-bit images, the resized uint8 samples with `value_table` [C, 256] float32 mapping each
+    channel's 8-bit value to its rescaled, normalised input (exactly HF's arithmetic): 4x fewer
+    bytes to ship, and the lookup runs on the executor's device."""
+
+    patches: np.ndarray
     grid_thw: tuple[int, int, int]
     original_size: tuple[int, int]  # (width, height)
     resized_size: tuple[int, int]  # (width, height)
     num_tokens: int  # grid_t*grid_h*grid_w // merge_size**2
+    value_table: np.ndarray | None = None
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """The float32 model inputs."""
+        if self.value_table is None:
+            return self.patches
+        return lookup_values(self.patches, self.value_table)
+
+
+def lookup_values(patches: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """uint8 patches -> float32 through a [C, 256] table; a column's channel is column // (cols/C)."""
+    channels = table.shape[0]
+    channel = np.arange(patches.shape[1]) // (patches.shape[1] // channels)
+    return table.reshape(-1)[channel * 256 + patches]
 
 
 def check_pixel_range(min_pixels: int, max_pixels: int) -> None:
@@ -155,21 +175,31 @@ def preprocess_image(
     pixels = np.asarray(image)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    table = None
+    if pixels.dtype == np.uint8:  # every value maps through one table per channel
+        levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, pixels.shape[2]))
+        table = np.ascontiguousarray(normalize(levels, cfg).T)
+    else:
+        pixels = normalize(pixels, cfg)
+    flat = patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+    grid = (1, pixels.shape[0] // cfg.patch_size, pixels.shape[1] // cfg.patch_size)
+    return ProcessedImage(
+        patches=flat,
+        grid_thw=grid,
+        original_size=original,
+        resized_size=(pixels.shape[1], pixels.shape[0]),
+        num_tokens=grid[0] * grid[1] * grid[2] // cfg.merge_size**2,
+        value_table=table,
+    )
+
+
+def normalize(pixels: np.ndarray, cfg: ImageProcessorConfig) -> np.ndarray:
+    """HF's rescale (in float64, cast to float32) then per-channel normalisation, in float32."""
     if cfg.do_rescale:
-        # HF upcasts to float64 before scaling, then casts to float32.
         pixels = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     if cfg.do_normalize:
         pixels = pixels.astype(np.float32, copy=False)
         mean = np.asarray(cfg.image_mean, dtype=np.float32)
         std = np.asarray(cfg.image_std, dtype=np.float32)
         pixels = (pixels - mean) / std
-    pixels = np.asarray(pixels, dtype=np.float32)
-    flat = patchify(pixels, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
-    grid = (1, pixels.shape[0] // cfg.patch_size, pixels.shape[1] // cfg.patch_size)
-    return ProcessedImage(
-        pixel_values=flat,
-        grid_thw=grid,
-        original_size=original,
-        resized_size=(pixels.shape[1], pixels.shape[0]),
-        num_tokens=grid[0] * grid[1] * grid[2] // cfg.merge_size**2,
-    )
+    return np.asarray(pixels, dtype=np.float32)

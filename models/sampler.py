@@ -7,6 +7,7 @@ every sequence that samples.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -117,12 +118,15 @@ class SamplingBatch:
 
         greedy = [t < SAMPLING_EPS for t in temperatures]
         random_rows = [i for i in range(n) if not greedy[i]]
+        if random_rows:
+            temps = floats([1.0 if g else t for g, t in zip(greedy, temperatures, strict=True)])
+            greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+        else:  # the common all-greedy batch: no host-to-device copy per step
+            temps, greedy_mask = _all_greedy(n, device)
         batch = cls(
             vocab_size=vocab_size,
-            temperatures=floats(
-                [1.0 if g else t for g, t in zip(greedy, temperatures, strict=True)]
-            ),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperatures=temps,
+            greedy=greedy_mask,
             all_greedy=not random_rows,
             all_random=len(random_rows) == n,
             max_logprobs=max_logprobs,
@@ -196,6 +200,13 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [B] raw-logit logprob of the sampled token; None if unasked
     top_ids: torch.Tensor | None  # [B, max_logprobs] long, most likely first
     top_logprobs: torch.Tensor | None  # [B, max_logprobs] float
+
+
+@functools.lru_cache(maxsize=128)
+def _all_greedy(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperatures (all 1.0) and the greedy mask (all True) of an all-greedy batch of n rows;
+    shared between steps, never written."""
+    return torch.ones(n, device=device), torch.ones(n, dtype=torch.bool, device=device)
 
 
 def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:

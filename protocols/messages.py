@@ -261,7 +261,8 @@ class ImagePixels(Record):
     request_id: str
     content_hash: str
     grid_thw: list[int]
-    pixel_values: Buffer
+    pixel_values: Buffer  # float32 inputs, or uint8 samples mapped through value_table
+    value_table: Buffer | None = None  # float32 [C, 256]: a channel's 8-bit value -> its input
 
 
 @wire("stream_open")

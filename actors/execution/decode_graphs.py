@@ -61,15 +61,25 @@ class DecodeGraphs:
         self.max_batch = max_batch
         self.max_blocks = max_blocks
 
-        def buffer(shape: tuple[int, ...], fill: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.full(shape, fill, dtype=dtype, device=device)
-
-        scratch_slot = scratch_block * block_size
-        self.input_ids = buffer((max_batch,), 0, torch.long)
-        self.positions = buffer((3, max_batch) if mrope else (max_batch,), 0, torch.long)
-        self.slots = buffer((max_batch,), scratch_slot, torch.long)
-        self.tables = buffer((max_batch, max_blocks), scratch_block, torch.int32)
-        self.lens = buffer((max_batch,), 1, torch.int32)
+        # All per-sequence inputs in one int64 block [ids; positions (1 or 3 rows); slots; lens],
+        # so a step needs two host-to-device copies (this block and the tables), both from
+        # page-locked staging buffers on accelerators.
+        self.position_rows = 3 if mrope else 1
+        rows = self.position_rows + 3
+        pin = device.type != "cpu"
+        self.inputs = torch.zeros((rows, max_batch), dtype=torch.long, device=device)
+        self.tables = torch.full((max_batch, max_blocks), scratch_block, device=device)
+        self.tables = self.tables.to(torch.int32)
+        self.staged_inputs = torch.zeros((rows, max_batch), dtype=torch.long, pin_memory=pin)
+        self.staged_tables = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.input_ids = self.inputs[0]
+        self.positions = self.inputs[1 : 1 + self.position_rows]
+        if not mrope:
+            self.positions = self.positions[0]
+        self.slots = self.inputs[-2]
+        self.lens = self.inputs[-1]
+        self.inputs[-2].fill_(scratch_block * block_size)
+        self.inputs[-1].fill_(1)
         self.rows = torch.arange(max_batch, device=device)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
         self.replays = 0
@@ -96,34 +106,35 @@ class DecodeGraphs:
     def run(
         self,
         token_ids: list[int],
-        positions: torch.Tensor,
+        positions: list[list[int]],
         block_tables: list[list[int]],
         cache_lens: list[int],
     ) -> torch.Tensor:
-        """Hidden states [n, hidden] of n one-token sequences: token i at `positions[..., i]`
-        (a CPU tensor, [n] or [3, n]) is the last of cache_lens[i] keys in block_tables[i]."""
+        """Hidden states [n, hidden] of n one-token sequences: token i at position
+        positions[r][i] (one row, or three for M-RoPE) is the last of cache_lens[i] keys in
+        block_tables[i]. The result is the recording's buffer: read it before the next run."""
         n = len(token_ids)
         size = next(b for b in self.buckets if b >= n)
         bs = self.block_size
         width = max(-(-length // bs) for length in cache_lens)
         if width > self.max_blocks:
             raise ValueError(f"a sequence of {max(cache_lens)} tokens exceeds the recorded tables")
-        tables = torch.full((size, width), self.scratch_block, dtype=torch.int32)
-        slots = torch.full((size,), self.scratch_block * bs, dtype=torch.long)
-        lens = torch.ones(size, dtype=torch.int32)
-        ids = torch.zeros(size, dtype=torch.long)
-        ids[:n] = torch.tensor(token_ids, dtype=torch.long)
+        inputs = self.staged_inputs.numpy()
+        inputs[0, :n] = token_ids
+        inputs[0, n:size] = 0
+        for r, row in enumerate(positions):
+            inputs[1 + r, :n] = row
+        inputs[1 : 1 + self.position_rows, n:size] = 0
+        inputs[-1, :n] = cache_lens
+        inputs[-1, n:size] = 1
+        inputs[-2, n:size] = self.scratch_block * bs
+        tables = self.staged_tables[: size * width].view(size, width).numpy()
+        tables[n:, 0] = self.scratch_block
         for i, (table, length) in enumerate(zip(block_tables, cache_lens, strict=True)):
             used = -(-length // bs)
-            tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
-            slots[i] = table[(length - 1) // bs] * bs + (length - 1) % bs
-            lens[i] = length
-        pos = torch.zeros((*positions.shape[:-1], size), dtype=torch.long)
-        pos[..., :n] = positions
-        self.input_ids[:size].copy_(ids, non_blocking=True)
-        self.positions[..., :size].copy_(pos, non_blocking=True)
-        self.slots[:size].copy_(slots, non_blocking=True)
-        self.tables[:size, :width].copy_(tables, non_blocking=True)
-        self.lens[:size].copy_(lens, non_blocking=True)
+            tables[i, :used] = table[:used]
+            inputs[-2, i] = table[(length - 1) // bs] * bs + (length - 1) % bs
+        self.inputs[:, :size].copy_(self.staged_inputs[:, :size], non_blocking=True)
+        self.tables[:size, :width].copy_(self.staged_tables[: size * width].view(size, width))
         self.replays += 1
         return self.graphs[size]()[:n]

@@ -215,7 +215,6 @@ class ModelRunner:
                 raise ValueError(f"request {s.request_id}: block table too short for {end}")
             ids.extend(state.token_ids(s.start_pos, end))
             states.append(state)
-        positions = self._positions(plan, states)
         spans = self._image_spans(plan, states)
         if (
             self.graphs is not None
@@ -224,9 +223,13 @@ class ModelRunner:
             and all(s.num_tokens == 1 for s in seqs)
         ):
             hidden = self.graphs.run(
-                ids, positions, [s.block_table for s in seqs], [s.start_pos + 1 for s in seqs]
+                ids,
+                self._decode_positions(plan, states),
+                [s.block_table for s in seqs],
+                [s.start_pos + 1 for s in seqs],
             )
             return self._sample(plan, states, hidden), hidden
+        positions = self._positions(plan, states)
         dev = self.device
         meta = AttentionMetadata.build(
             [s.num_tokens for s in seqs],
@@ -259,7 +262,10 @@ class ModelRunner:
                 sampling.append(state)
         if not rows:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if len(rows) == hidden.shape[0]:  # every row samples (decode steps): no gather
+            logits = self.model.compute_logits(hidden)
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         out = sample(logits, SamplingBatch.build(sampling, logits.shape[-1], self.device))
         token_ids = out.token_ids.tolist()
         lp = out.logprobs.tolist() if out.logprobs is not None else None
@@ -277,6 +283,22 @@ class ModelRunner:
                 logprobs = PositionLogprobs(TokenLogprob(token_ids[i], lp[i]), top)
             result.append(SampledToken(state.request_id, token_ids[i], logprobs))
         return result
+
+    def _decode_positions(self, plan: StepPlan, states: list[SequenceState]) -> list[list[int]]:
+        """`_positions` of a step of one-token sequences, as rows of Python ints."""
+        if not self.uses_mrope:
+            return [[s.start_pos for s in plan.sequences]]
+        rows: list[list[int]] = [[], [], []]
+        for s, state in zip(plan.sequences, states, strict=True):
+            pos = state.mrope_positions
+            assert pos is not None
+            if s.start_pos < pos.shape[1]:
+                column = pos[:, s.start_pos].tolist()
+            else:
+                column = [s.start_pos + state.mrope_delta] * 3
+            for axis in range(3):
+                rows[axis].append(column[axis])
+        return rows
 
     def _positions(self, plan: StepPlan, states: list[SequenceState]) -> torch.Tensor:
         """Rotary positions on the host: [T] for text models; [3, T] (M-RoPE) for VL models, the
@@ -339,7 +361,7 @@ class ModelRunner:
             if batch and patches + size > self.vision_batch_patches:
                 out += self.model.encode_images(batch)
                 batch, patches = [], 0
-            batch.append((self.pixels.get(im.content_hash).to(self.device, self.dtype), grid))
+            batch.append((self.pixels.get(im.content_hash, self.device, self.dtype), grid))
             patches += size
         if batch:
             out += self.model.encode_images(batch)

@@ -16,6 +16,16 @@ def buffer_tensor(buf: Buffer) -> torch.Tensor:
     return torch.from_numpy(arr.copy())
 
 
+def input_values(values: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """Vision inputs from stored pixels: float values as they are, or uint8 samples through their
+    [C, 256] table (a column's channel is column // (columns / C)), on the values' device."""
+    if table is None:
+        return values
+    columns = values.shape[1]
+    channel = torch.arange(columns, device=values.device) // (columns // table.shape[0])
+    return table.to(values.device).flatten()[channel * 256 + values.long()]
+
+
 class PixelStore:
     """Each request holds the images it sent; an image's pixels go when its last holder ends.
 
@@ -23,24 +33,28 @@ class PixelStore:
     already sent), so `holds(request_id, hash)` tells whether that request's pixels arrived."""
 
     def __init__(self) -> None:
-        self.pixels: dict[str, torch.Tensor] = {}  # content hash -> [patches, C*tp*p*p], host
+        # content hash -> ([patches, C*tp*p*p] on the host, its value table or None)
+        self.pixels: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.holders: dict[str, set[str]] = {}  # content hash -> request ids
         self.held: dict[str, set[str]] = {}  # request id -> content hashes
 
     def add(self, msg: ImagePixels) -> None:
         if msg.content_hash not in self.pixels:
-            self.pixels[msg.content_hash] = buffer_tensor(msg.pixel_values)
+            table = None if msg.value_table is None else buffer_tensor(msg.value_table)
+            self.pixels[msg.content_hash] = (buffer_tensor(msg.pixel_values), table)
         self.holders.setdefault(msg.content_hash, set()).add(msg.request_id)
         self.held.setdefault(msg.request_id, set()).add(msg.content_hash)
 
     def holds(self, request_id: str, content_hash: str) -> bool:
         return content_hash in self.held.get(request_id, ())
 
-    def get(self, content_hash: str) -> torch.Tensor:
-        """The pixels of one image; raises KeyError if no request holds it."""
+    def get(self, content_hash: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The vision inputs of one image on `device` in `dtype` (8-bit samples are moved as
+        they are and mapped there); raises KeyError if no request holds it."""
         if content_hash not in self.pixels:
             raise KeyError(f"pixels of image {content_hash} have not arrived")
-        return self.pixels[content_hash]
+        values, table = self.pixels[content_hash]
+        return input_values(values.to(device), table).to(dtype)
 
     def release(self, request_id: str) -> None:
         """The request ended: drop its holds, and every image nobody else holds."""

@@ -5,6 +5,7 @@ Real photographs from scikit-image and synthetic odd cases, each run through bot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -196,3 +197,30 @@ def test_module_does_not_import_torch():
     code = "import models.image_processing, sys; assert 'torch' not in sys.modules"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_8bit_images_ship_as_uint8_with_a_table_that_reproduces_the_inputs(processors) -> None:
+    """What the image stage sends for an RGB photograph: a quarter of the float32 bytes, and the
+    executor's device lookup (actors/execution/pixel_store.py) gives HF's values bit for bit."""
+    import torch
+
+    from actors.execution.pixel_store import input_values
+
+    hf, cfg = processors
+    out = preprocess_image(Image.fromarray(skdata.astronaut()), cfg)
+    assert out.patches.dtype == np.uint8 and out.value_table is not None
+    assert out.value_table.shape == (3, 256) and out.value_table.dtype == np.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = hf(Image.fromarray(skdata.astronaut()), return_tensors="np")["pixel_values"]
+    values = input_values(torch.from_numpy(out.patches), torch.from_numpy(out.value_table))
+    assert values.dtype == torch.float32
+    assert np.array_equal(values.numpy(), ref)
+
+
+def test_images_that_are_not_8bit_ship_as_float32(processors) -> None:
+    _, cfg = processors
+    grey16 = Image.fromarray((np.arange(64 * 64, dtype=np.float32).reshape(64, 64) * 3.0), "F")
+    cfg16 = dataclasses.replace(cfg, do_convert_rgb=False)
+    out = preprocess_image(grey16, cfg16)
+    assert out.value_table is None and out.patches.dtype == np.float32
