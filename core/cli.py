@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from core.cli_values import (
+    device_name,
     generation_config_source,
     human_readable_int,
     json_string_list,
@@ -44,6 +45,9 @@ class _NoEffect(argparse.Action):
         namespace.no_effect_flags = [*getattr(namespace, "no_effect_flags", []), given]
 
 
+# --tool-call-parser's values: the parsers of protocols/openai/tool_parsers.py
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
 # vLLM serving flags that change nothing here: (flags, takes a value, why).
 NO_EFFECT_FLAGS: list[tuple[list[str], bool, str]] = [
     (
@@ -51,12 +55,6 @@ NO_EFFECT_FLAGS: list[tuple[list[str], bool, str]] = [
         False,
         "no checkpoint code is ever run: architectures are built in",
     ),
-    (
-        ["--enable-auto-tool-choice", "--no-enable-auto-tool-choice"],
-        False,
-        "tool calls are not parsed yet",
-    ),
-    (["--tool-call-parser"], True, "tool calls are not parsed yet"),
     (
         ["--disable-log-requests", "--no-disable-log-requests"],
         False,
@@ -118,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
         "repetition_penalty): 'auto' from the model folder's generation_config.json, 'vllm' "
         "none (vLLM's defaults), or a folder holding generation_config.json (default: auto)",
     )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_auto_tool_choice,
+        help='allow tool_choice "auto" (the default when a request has tools): calls in the '
+        "answer, parsed by --tool-call-parser, become tool_calls",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=d.tool_call_parser,
+        help="how the model writes tool calls: hermes (Qwen2.5, Hermes: <tool_call>{...}"
+        "</tool_call>) or llama3_json (Llama 3.x JSON) (default: none)",
+    )
     p.add_argument("--host", default=d.host, help="HTTP listen address")
     p.add_argument("--port", type=int, default=d.port, help="HTTP listen port")
     p.add_argument(
@@ -128,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default=d.device,
-        choices=["auto", "cpu", "cuda", "npu", "tpu"],
-        help="auto picks CUDA, then NPU, then TPU, then CPU",
+        type=device_name,
+        help="auto, cpu, cuda, npu, tpu, or an installed plug-in (entry-point group "
+        "tessera.platforms); auto picks CUDA, then NPU, then TPU, then plug-ins, then CPU",
     )
     p.add_argument(
         "--dtype",
@@ -349,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
             values["chat_template"] = load_chat_template(values["chat_template"])
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
+    if values["enable_auto_tool_choice"] and not values["tool_call_parser"]:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     cfg = EngineConfig(**values)
     for name in (
         "max_num_seqs",

@@ -14,6 +14,23 @@ _DECIMAL_SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+BUILT_IN_DEVICES = ("auto", "cpu", "cuda", "npu", "tpu")  # devices/__init__.py's backends
+DEVICE_PLUGIN_GROUP = "tessera.platforms"  # devices.ENTRY_POINT_GROUP, read without torch
+
+
+def device_name(text: str) -> str:
+    """--device: a built-in backend or an installed plug-in's entry-point name (not loaded here:
+    the executor loads it, so the launcher never imports torch)."""
+    from importlib.metadata import entry_points
+
+    key = text.strip().lower()
+    plugins = sorted(ep.name for ep in entry_points(group=DEVICE_PLUGIN_GROUP))
+    if key in BUILT_IN_DEVICES or key in plugins:
+        return key
+    names = ", ".join([*BUILT_IN_DEVICES, *plugins])
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected one of {names}")
+
+
 def human_readable_int(text: str) -> int:
     """An integer as vLLM's flags write it: "4096", "32k" = 32000 and "25.6k" = 25600 (decimal
     suffixes k m g t), "32K" = 32768 (binary suffixes K M G T, whole numbers only)."""
