@@ -7,6 +7,7 @@ expanded. A refusal is a 400 naming the field.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -120,6 +121,8 @@ def parse_messages(messages: Any, accepts_images: bool) -> list[str]:
                 f"{where}.role {role!r} is not one of {', '.join(CHAT_ROLES)}",
                 param=f"{where}.role",
             )
+        if message.get("tool_calls") is not None:
+            check_tool_calls(message["tool_calls"], f"{where}.tool_calls")
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -162,6 +165,55 @@ def _image_source(part: Any, where: str) -> str | None:
     if not isinstance(url, str) or not url:
         raise RequestInvalid(f"{where} needs an image URL string", param=f"{where}.{kind}")
     return url
+
+
+def check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant turn's `tool_calls`: OpenAI's [{"id", "type": "function", "function":
+    {"name", "arguments"}}], arguments a JSON object's text (or the object itself)."""
+    if not isinstance(calls, list):
+        raise RequestInvalid(f"{where} must be a list of tool calls", param=where)
+    for k, call in enumerate(calls):
+        at = f"{where}.{k}"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestInvalid(
+                f'{at} must be {{"type": "function", "function": {{"name": ..., '
+                '"arguments": ...}}',
+                param=f"{at}.function",
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments.strip():
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise RequestInvalid(
+                    f"{at}.function.arguments is not valid JSON", param=f"{at}.function.arguments"
+                ) from None
+        if not (arguments is None or isinstance(arguments, (dict, str))):
+            raise RequestInvalid(
+                f"{at}.function.arguments must be a JSON object", param=f"{at}.function.arguments"
+            )
+
+
+def check_tools(tools: Any) -> None:
+    """OpenAI tool definitions: [{"type": "function", "function": {"name", ...}}]."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise RequestInvalid("tools must be a list of tool definitions", param="tools")
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise RequestInvalid(
+                f'tools.{k} must be {{"type": "function", "function": {{"name": ...}}}}',
+                param=f"tools.{k}",
+            )
 
 
 def check_generation_prompt(add_generation_prompt: Any, continue_final_message: Any) -> None:

@@ -16,7 +16,7 @@ from actors.admission import RequestInvalid
 from core.launch.addresses import owner
 from models.chat_template import compile_chat_template
 from models.detokenizer import PROMPT_CONTEXT
-from models.tokenizer import TextTokenizer, flatten_text_content
+from models.tokenizer import TextTokenizer, template_messages
 from protocols.messages import (
     AbortRequest,
     DetokenizeRequest,
@@ -115,6 +115,7 @@ class TokenizerActor(Stage):
                 req.add_generation_prompt,
                 req.continue_final_message,
                 req.chat_template_kwargs,
+                req.tools,
                 add_special_tokens=bool(req.add_special_tokens),
             )
             if sources:
@@ -154,6 +155,7 @@ class TokenizerActor(Stage):
                 req.add_generation_prompt,
                 req.continue_final_message,
                 req.chat_template_kwargs,
+                req.tools,
             )
         elif req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
@@ -186,19 +188,22 @@ class TokenizerActor(Stage):
         add_generation_prompt: bool,
         continue_final_message: bool,
         template_kwargs: dict[str, Any],
+        tools: list[dict[str, Any]] | None,
         add_special_tokens: bool = False,
     ) -> tuple[list[int], list[str]]:
-        """Chat template -> token ids, and the image sources in prompt order."""
+        """Chat template (with the request's tool definitions) -> token ids, and the image
+        sources in prompt order."""
         accepts_images = self.facts.accepts_images
         sources = admission.parse_messages(messages, accepts_images)
         admission.check_image_count(len(sources), self.config.limit_mm_per_prompt)
         admission.check_generation_prompt(add_generation_prompt, continue_final_message)
         admission.check_template_kwargs(template_kwargs)
-        if not accepts_images:
-            messages = flatten_text_content(messages)
+        admission.check_tools(tools)
+        if tools is not None:  # the request's tools win over a "tools" in chat_template_kwargs
+            template_kwargs = {**template_kwargs, "tools": tools or None}
         try:
             text = self.tokenizer.apply_chat_template(
-                messages,
+                template_messages(messages, text_only=not accepts_images),
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 **template_kwargs,

@@ -21,6 +21,8 @@ class EngineConfig:
     tokenizer: str = ""  # tokenizer folder or .gguf file; "" = the model's own
     chat_template: str | None = None  # template text replacing the checkpoint's; None = keep it
     generation_config: str = "auto"  # sampling defaults: auto (the model's) | vllm (none) | folder
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the calls in answers
+    tool_call_parser: str | None = None  # hermes | llama3_json (protocols/openai/tool_parsers.py)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None

@@ -90,6 +90,33 @@ class TextTokenizer:
         )
 
 
+def template_messages(messages: list[dict[str, Any]], text_only: bool) -> list[dict[str, Any]]:
+    """Copies of OpenAI messages (checked by actors.admission.parse_messages) in the form chat
+    templates take, as vLLM hands them over: for a text-only template, content parts joined
+    into one string and null content as ""; for a template of parts, null content as no parts;
+    tool calls' arguments (JSON text on the API) as objects, which templates serialize."""
+    shaped = []
+    for message in messages:
+        message = dict(message)
+        if message.get("content") is None:
+            message["content"] = "" if text_only else []
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message["tool_calls"] = [_call_with_object_arguments(call) for call in calls]
+        shaped.append(message)
+    return flatten_text_content(shaped) if text_only else shaped
+
+
+def _call_with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+    elif arguments is None:
+        function["arguments"] = {}
+    return {**call, "function": function}
+
+
 def flatten_text_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of `messages` whose list-of-parts content is joined into one string, for templates
     of text-only models. Takes text parts only (actors.admission.parse_messages checks parts)."""

@@ -62,6 +62,7 @@ class GenerateRequest(Record):
     continue_final_message: bool = False  # leave the last message open for the model to go on
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, for the chat template
     arrival_time: float = 0.0
 
 
@@ -104,6 +105,7 @@ class TokenizeRequest(Record):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
 
 

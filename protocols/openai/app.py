@@ -275,6 +275,10 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
         gen = convert.chat_request(body, uuid.uuid4().hex, defaults)
+        parser = convert.tool_parser_for(
+            body, config.enable_auto_tool_choice, config.tool_call_parser
+        )
+        parallel = body.parallel_tool_calls is not False
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         r = ChatChunks(
             f"chatcmpl-{gen.request_id}",
@@ -282,10 +286,14 @@ def build_app(
             model,
             include_usage,
             gen.sampling.logprobs,
+            tool_parser=parser,
+            parallel_tool_calls=parallel,
         )
 
         def respond(done: list[Collected]) -> dict[str, Any]:
-            return convert.chat_response(done[0], r.response_id, r.created, r.model, r.top_k)
+            return convert.chat_response(
+                done[0], r.response_id, r.created, r.model, r.top_k, parser, parallel
+            )
 
         return await generate([gen], request, [r], body.stream, respond)
 

@@ -31,6 +31,7 @@ from protocols.openai.schemas import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from protocols.openai.tool_parsers import parse_tool_calls
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
@@ -146,7 +147,48 @@ def chat_request(
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         mm_processor_kwargs=dict(req.mm_processor_kwargs or {}),
+        tools=req.tools,
         arrival_time=time.time(),
+    )
+
+
+def tool_parser_for(
+    req: ChatCompletionRequest, enable_auto_tool_choice: bool, tool_call_parser: str | None
+) -> str | None:
+    """The tool-call parser this request's answer goes through; None: the answer is content.
+    vLLM's rules: `tool_choice` defaults to "auto" with tools and "none" without; "none" still
+    shows the tools to the model; "auto" needs the server's --enable-auto-tool-choice and
+    --tool-call-parser. "required" and a named tool need the answer constrained to a call,
+    which needs grammar-constrained decoding: refused until Tessera has it."""
+    choice = req.tool_choice
+    if choice is None:
+        choice = "auto" if req.tools else "none"
+    if choice == "none":
+        return None
+    if req.tools is None:
+        raise OpenAIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if choice == "required" and not req.tools:
+        return None  # as OpenAI and vLLM: "required" with no tools is "none"
+    if choice == "auto":
+        if not (enable_auto_tool_choice and tool_call_parser):
+            raise OpenAIError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set",
+                param="tool_choice",
+            )
+        return tool_call_parser if req.tools else None
+    if choice == "required" or isinstance(choice, dict):
+        named = f"the named tool choice {choice!r}" if isinstance(choice, dict) else '"required"'
+        raise OpenAIError(
+            f"tool_choice {named} is not supported yet: forcing a tool call needs "
+            'grammar-constrained decoding, which Tessera does not have yet. Use "auto" (the '
+            'server started with --enable-auto-tool-choice) or "none"',
+            param="tool_choice",
+        )
+    raise OpenAIError(
+        f'Invalid value for `tool_choice`: {choice!r}! Only named tools, "none", "auto" or '
+        '"required" are supported.',
+        param="tool_choice",
     )
 
 
@@ -198,6 +240,7 @@ def tokenize_request(
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+        tools=req.tools,
         return_token_strs=req.return_token_strs,
     )
 
@@ -295,9 +338,27 @@ class Collected:
 
 
 def chat_response(
-    c: Collected, response_id: str, created: int, model: str, top_k: int | None
+    c: Collected,
+    response_id: str,
+    created: int,
+    model: str,
+    top_k: int | None,
+    tool_parser: str | None = None,
+    parallel_tool_calls: bool = True,
 ) -> dict[str, Any]:
+    """The chat.completion body; with `tool_parser` the calls in the answer become
+    `message.tool_calls`, `content` the text outside them (null if none), and the finish reason
+    "tool_calls"."""
     assert c.final is not None
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    finish_reason = c.final.finish_reason
+    if tool_parser is not None:
+        parsed = parse_tool_calls(tool_parser, c.text)
+        if parsed.tool_calls:
+            calls = parsed.tool_calls if parallel_tool_calls else parsed.tool_calls[:1]
+            message["content"] = parsed.content
+            message["tool_calls"] = [call.openai() for call in calls]
+            finish_reason = "tool_calls"
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -306,9 +367,9 @@ def chat_response(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": None if top_k is None else chat_logprobs(c.logprobs, top_k),
-                "finish_reason": c.final.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.final.stop_reason,
             }
         ],

@@ -75,6 +75,9 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a named tool
+    parallel_tool_calls: bool | None = None  # false: only the first call is returned
 
 
 class CompletionRequest(SamplingFields):
@@ -105,6 +108,7 @@ class TokenizeChatRequest(Body):
     add_special_tokens: bool = False
     return_token_strs: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class DetokenizeBody(Body):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -24,6 +24,7 @@ from protocols.openai.convert import (
     summed_usage,
     usage,
 )
+from protocols.openai.tool_parsers import ToolCallParser, make_parser
 
 DONE = b"data: [DONE]\n\n"
 
@@ -53,7 +54,8 @@ class ChunkRenderer:
     def start(self) -> list[dict[str, Any]]:
         return []
 
-    def choice(self, out: RequestOutput) -> dict[str, Any]:
+    def choice(self, out: RequestOutput) -> dict[str, Any] | None:
+        """The chunk's choice; None when this increment has nothing to send yet."""
         raise NotImplementedError
 
     def render(self, out: RequestOutput) -> list[dict[str, Any]]:
@@ -61,6 +63,8 @@ class ChunkRenderer:
         if not (out.text or out.logprobs or out.finish_reason or out.mm_info):
             return []
         choice = self.choice(out)
+        if choice is None:
+            return []
         if out.finish_reason is not None:
             choice["stop_reason"] = out.stop_reason
         body = self._chunk(choice)
@@ -85,23 +89,45 @@ class ChunkRenderer:
 
 @dataclass
 class ChatChunks(ChunkRenderer):
+    """Chat chunks; with `tool_parser` the text goes through it, calls streamed as
+    `delta.tool_calls` (id and name first, then argument fragments) and the text outside them
+    as `delta.content`."""
+
     object: str = "chat.completion.chunk"
+    tool_parser: str | None = None
+    parallel_tool_calls: bool = True
+    _parser: ToolCallParser | None = field(default=None, init=False, repr=False)
 
     def start(self) -> list[dict[str, Any]]:
+        if self.tool_parser is not None:
+            self._parser = make_parser(self.tool_parser)
         delta = {"role": "assistant", "content": ""}
         choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
         return [self._chunk(choice)]
 
-    def choice(self, out: RequestOutput) -> dict[str, Any]:
+    def choice(self, out: RequestOutput) -> dict[str, Any] | None:
         logprobs = None
         if self.top_k is not None and out.logprobs:
             logprobs = chat_logprobs(out.logprobs, self.top_k)
-        delta = {"content": out.text} if out.text else {}
+        finish_reason = out.finish_reason
+        delta: dict[str, Any] = {"content": out.text} if out.text else {}
+        if self._parser is not None:
+            parsed = self._parser.feed(out.text)
+            if finish_reason is not None:
+                parsed.extend(self._parser.finish())
+                if self._parser.calls:
+                    finish_reason = "tool_calls"
+            calls = [c for c in parsed.tool_calls if self.parallel_tool_calls or c.index == 0]
+            delta = {"content": parsed.content} if parsed.content else {}
+            if calls:
+                delta["tool_calls"] = [c.openai() for c in calls]
+            if not (delta or logprobs or finish_reason or out.mm_info):
+                return None  # text held back by the parser
         return {
             "index": self.index,
             "delta": delta,
             "logprobs": logprobs,
-            "finish_reason": out.finish_reason,
+            "finish_reason": finish_reason,
         }
 
 
@@ -110,7 +136,7 @@ class CompletionChunks(ChunkRenderer):
     object: str = "text_completion"
     text_offset: int = 0
 
-    def choice(self, out: RequestOutput) -> dict[str, Any]:
+    def choice(self, out: RequestOutput) -> dict[str, Any] | None:
         logprobs = None
         if self.top_k is not None and out.logprobs:
             logprobs = completion_logprobs(out.logprobs, self.top_k, self.text_offset)

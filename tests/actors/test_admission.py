@@ -271,3 +271,39 @@ def test_mm_processor_kwargs_known_integers_only() -> None:
     assert "['fps']" in refused("mm_processor_kwargs", admission.mm_processor_kwargs, {"fps": 2})
     refused("mm_processor_kwargs.min_pixels", admission.mm_processor_kwargs, {"min_pixels": "a"})
     refused("mm_processor_kwargs", admission.mm_processor_kwargs, "max_pixels=3")
+
+
+# ---------------------------------------------------------------- tools
+
+
+def test_tool_definitions_need_a_function_name() -> None:
+    admission.check_tools(None)
+    admission.check_tools([{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    for tools, param in [
+        ({"name": "f"}, "tools"),
+        ([{"type": "function", "function": {"name": ""}}], "tools.0"),
+        ([{"type": "function", "function": {}}], "tools.0"),
+        ([{"type": "retrieval"}], "tools.0"),
+        (["f"], "tools.0"),
+    ]:
+        refused(param, admission.check_tools, tools)
+
+
+def test_assistant_tool_calls_are_checked_inside_the_messages() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    good: list[dict[str, Any]] = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    assert admission.parse_messages(good, accepts_images=False) == []
+    where = "messages.1.tool_calls"
+    bad_calls: list[tuple[Any, str]] = [
+        ({"function": {}}, where),
+        ([{"type": "function"}], f"{where}.0.function"),
+        ([{"function": {"name": "f", "arguments": "{oops"}}], f"{where}.0.function.arguments"),
+        ([{"function": {"name": "f", "arguments": 3}}], f"{where}.0.function.arguments"),
+    ]
+    for calls, param in bad_calls:
+        bad = [good[0], {**good[1], "tool_calls": calls}]
+        refused(param, admission.parse_messages, bad, False)

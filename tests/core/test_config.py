@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import NO_EFFECT_FLAGS, build_parser, parse_args
+from core.cli import NO_EFFECT_FLAGS, TOOL_CALL_PARSERS, build_parser, parse_args
 from core.cli_values import human_readable_int
 from core.config import EngineConfig
 from core.launch.default_model import DEFAULT_MODEL_NAME, resolve_model
+from protocols.openai.tool_parsers import PARSERS
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -77,9 +78,6 @@ def test_two_different_models_are_refused(capsys: pytest.CaptureFixture[str]) ->
 def test_no_effect_flags_are_accepted_and_recorded() -> None:
     argv = [
         "--trust-remote-code",
-        "--enable-auto-tool-choice",
-        "--tool-call-parser",
-        "hermes",
         "--disable-log-requests",
         "--swap-space",
         "4",
@@ -90,8 +88,6 @@ def test_no_effect_flags_are_accepted_and_recorded() -> None:
     cfg = parse_args(argv)
     assert cfg.no_effect_flags == [
         "--trust-remote-code",
-        "--enable-auto-tool-choice",
-        "--tool-call-parser hermes",
         "--disable-log-requests",
         "--swap-space 4",
         "--disable-frontend-multiprocessing",
@@ -130,6 +126,23 @@ def test_functional_vllm_flags_set_the_config(tmp_path: Path) -> None:
         "image": 3,
         "video": 0,
     }
+
+
+def test_tool_call_flags_set_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"])
+    assert cfg.enable_auto_tool_choice is True and cfg.tool_call_parser == "llama3_json"
+    assert cfg.no_effect_flags == []
+    again = EngineConfig.from_json(cfg.to_json())
+    assert (again.enable_auto_tool_choice, again.tool_call_parser) == (True, "llama3_json")
+    plain = parse_args(["--tool-call-parser", "hermes"])  # a parser alone: "auto" stays off
+    assert plain.enable_auto_tool_choice is False and plain.tool_call_parser == "hermes"
+    assert parse_args([]).tool_call_parser is None
+    assert "requires --tool-call-parser" in refused(["--enable-auto-tool-choice"], capsys)
+    assert "invalid choice" in refused(["--tool-call-parser", "mistral"], capsys)
+
+
+def test_tool_call_parser_choices_are_the_parsers() -> None:
+    assert sorted(TOOL_CALL_PARSERS) == sorted(PARSERS)
 
 
 def test_generation_config_is_auto_vllm_or_a_folder_with_the_file(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -60,3 +62,37 @@ def test_sdk_example_streams_from_the_engine(smollm2: EngineProcess) -> None:
         )
         assert out.returncode == 0, out.stderr
         assert "Paris" in out.stdout
+
+
+def test_default_model_takes_an_agent_loops_turns(smollm2: EngineProcess) -> None:
+    """The second request of an agent loop (assistant content null with tool_calls, then the
+    tool's result) is rendered by SmolLM2's template, which knows no tools: the call turn is
+    empty, the result a turn of its own, as vLLM renders them."""
+    tools: list[Any] = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    call = {"id": "call_1", "type": "function"}
+    messages: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {**call, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    ]
+    client = openai.OpenAI(base_url=smollm2.base_url, api_key="none")
+    resp = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,
+        tools=tools,
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert resp.choices[0].message.content and resp.choices[0].message.tool_calls is None
+    root = smollm2.base_url.removesuffix("/v1")
+    tok = httpx.post(root + "/tokenize", json={"messages": messages, "tools": tools}).json()
+    assert resp.usage is not None and resp.usage.prompt_tokens == tok["count"]
+    text = httpx.post(root + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+    assert '<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n{"temp_c": 21}<|im_end|>' in text

@@ -92,8 +92,6 @@ def test_ping_get_and_post(server: _Server) -> None:
 
 NO_EFFECT = [
     ["--trust-remote-code"],
-    ["--enable-auto-tool-choice"],
-    ["--tool-call-parser", "hermes"],
     ["--disable-log-requests"],
     ["--swap-space", "4"],
     ["--disable-frontend-multiprocessing"],
@@ -135,6 +133,9 @@ def vllm_style(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "--quantization",
         "none",
         "--disable-log-stats",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
         "--generation-config",
         str(generation),
         *[part for flag in NO_EFFECT for part in flag],

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 import pytest
 from tokenizers import Tokenizer, models
 
 from models.chat_template import compile_chat_template, render_chat_template
-from models.tokenizer import TextTokenizer
+from models.tokenizer import TextTokenizer, template_messages
 from tests.models.test_tokenizer import gguf_pair, qwen_pair
 
 CONVERSATIONS = [
@@ -57,6 +58,79 @@ def test_qwen_render_with_tools_matches_transformers() -> None:
     )
     assert ours.apply_chat_template(messages, tools=TOOLS) == expected
     assert "“quoted”" in expected  # tojson keeps non-ASCII as is
+
+
+def agent_loop(arguments: object) -> list[dict]:
+    """An agent loop's second request: the assistant's call turn (content null, as OpenAI
+    clients send it), the tool's result, then the turn to answer."""
+    return [
+        {"role": "system", "content": "Use tools when needed."},
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": f"call_{city}",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": args},
+                }
+                for city, args in zip(("p", "o"), arguments)  # type: ignore[call-overload]
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_p", "content": '{"temp": 21}'},
+        {"role": "tool", "tool_call_id": "call_o", "content": '{"temp": 9}'},
+    ]
+
+
+CALL_ARGS = [{"city": "Paris"}, {"city": "Oslo", "unit": "°C"}]
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_qwen_agent_loop_matches_transformers(tools: list | None) -> None:
+    """OpenAI-shaped messages (arguments as JSON text, content null) render as transformers
+    renders the same conversation with argument objects, tool results included."""
+    ours, ref = qwen_pair()
+    openai_shaped = agent_loop([json.dumps(a) for a in CALL_ARGS])
+    expected = ref.apply_chat_template(
+        agent_loop(CALL_ARGS), tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    text = ours.apply_chat_template(template_messages(openai_shaped, text_only=True), tools=tools)
+    assert text == expected
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "°C"}}' in text
+    )
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>' in text
+    assert openai_shaped[2]["content"] is None  # the request is left alone
+
+
+def test_agent_loop_renders_with_a_template_that_knows_no_tools() -> None:
+    """SmolLM2's template concatenates content: a null content renders as "" (vLLM's), the
+    tool message as a turn of its own."""
+    ours, ref = gguf_pair()
+    messages = agent_loop([json.dumps(a) for a in CALL_ARGS])
+    expected = ref.apply_chat_template(
+        [{**m, "content": m["content"] or ""} for m in agent_loop(CALL_ARGS)],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert ours.apply_chat_template(template_messages(messages, text_only=True)) == expected
+    assert "<|im_start|>assistant\n<|im_end|>" in expected
+
+
+def test_template_messages_shapes_null_content_and_arguments() -> None:
+    call = {"type": "function", "function": {"name": "f", "arguments": ""}}
+    messages: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    text = template_messages(messages, text_only=True)
+    assert text == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+        }
+    ]
+    assert template_messages(messages, text_only=False)[0]["content"] == []  # no parts
+    assert messages[0]["tool_calls"][0]["function"]["arguments"] == ""
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)

@@ -6,10 +6,12 @@ Exercises the HTTP hop alone: FastAPI app -> (fake) AsyncEngineClient, no proces
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+import openai
 import orjson
 import pytest
 import structlog
@@ -476,3 +478,97 @@ def test_logit_bias_reaches_the_engine_and_bad_keys_are_400():
         r = http.post("/v1/chat/completions", json={**CHAT, "logit_bias": bias})
         assert r.status_code == 400 and words in r.json()["error"]["message"]
         assert r.json()["error"]["param"] == "logit_bias"
+
+
+# ---------------------------------------------------------------- tool calls, read by the SDK
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+# an answer in Qwen2.5's format, streamed by the engine a few characters at a time
+ANSWER = (
+    "Let me check both.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n'
+    '{"name": "get_weather", "arguments": {"city": "Oslo, \\"NO\\""}}\n</tool_call>'
+)
+
+
+def answer_with_calls(req: GenerateRequest) -> list[RequestOutput]:
+    pieces = [ANSWER[i : i + 4] for i in range(0, len(ANSWER), 4)]
+    outs = [RequestOutput(req.request_id, text=p, token_ids=[1]) for p in pieces]
+    outs[-1].finish_reason = "stop"
+    outs[-1].prompt_tokens, outs[-1].completion_tokens = 3, len(pieces)
+    return outs
+
+
+def sdk(http: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
+    )
+
+
+def test_the_openai_sdk_reads_tool_calls_whole_and_streamed():
+    fake, http = make(answer_with_calls, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    client = sdk(http)
+    kw: dict[str, Any] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": TOOLS,
+    }
+    whole = client.chat.completions.create(**kw)
+    assert fake.requests[-1].tools == TOOLS
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check both."
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"}),
+        ("function", "get_weather", {"city": 'Oslo, "NO"'}),
+    ]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+    # the SDK's own accumulation of the streamed deltas gives the same message
+    with client.chat.completions.stream(**kw) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    assert streamed.message.content == "Let me check both."
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls or []] == [
+        (c.function.name, c.function.arguments) for c in calls
+    ]
+
+
+def test_tool_choice_none_shows_the_tools_and_leaves_the_answer_as_text():
+    fake, http = make(answer_with_calls)  # no --enable-auto-tool-choice needed
+    r = http.post("/v1/chat/completions", json={**CHAT, "tools": TOOLS, "tool_choice": "none"})
+    assert r.status_code == 200 and fake.requests[-1].tools == TOOLS
+    choice = r.json()["choices"][0]
+    assert choice["message"] == {"role": "assistant", "content": ANSWER}
+    assert choice["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "choice,enabled,words",
+    [
+        (None, False, '"auto" tool choice requires --enable-auto-tool-choice'),
+        ("required", True, "grammar-constrained decoding"),
+        ({"type": "function", "function": {"name": "get_weather"}}, True, "grammar-constrained"),
+    ],
+)
+def test_tool_choices_that_cannot_be_honoured_are_400_before_the_engine(choice, enabled, words):
+    config: dict[str, Any] = {}
+    if enabled:
+        config = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    fake, http = make(answer_with_calls, **config)
+    body = {**CHAT, "tools": TOOLS, **({"tool_choice": choice} if choice else {})}
+    for stream in (False, True):
+        r = http.post("/v1/chat/completions", json={**body, "stream": stream})
+        assert r.status_code == 400 and words in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "tool_choice"
+    assert fake.requests == []

@@ -358,3 +358,97 @@ def test_completion_chunks_offsets_run_across_chunks():
     a, b = (r.render(o)[0]["choices"][0] for o in outputs())
     assert a["text"] == "Hel" and a["logprobs"]["text_offset"] == [0]
     assert b["logprobs"]["text_offset"] == [3] and b["finish_reason"] == "length"
+
+
+# ---------------------------------------------------------------- tools
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    "kw,enabled,parser",
+    [
+        ({}, False, None),  # no tools: nothing to parse
+        ({"tools": TOOLS, "tool_choice": "none"}, False, None),  # shown, never parsed
+        ({"tools": TOOLS}, True, "hermes"),  # tools alone mean "auto"
+        ({"tools": TOOLS, "tool_choice": "auto"}, True, "hermes"),
+        ({"tools": [], "tool_choice": "required"}, False, None),  # "required" of nothing
+    ],
+)
+def test_tool_choice_picks_the_parser(kw: dict, enabled: bool, parser: str | None) -> None:
+    assert convert.tool_parser_for(chat(**kw), enabled, "hermes" if enabled else None) == parser
+
+
+@pytest.mark.parametrize(
+    "kw,enabled,words",
+    [
+        ({"tools": TOOLS}, False, "requires --enable-auto-tool-choice"),
+        ({"tools": TOOLS, "tool_choice": "auto"}, False, "requires --enable-auto-tool-choice"),
+        ({"tool_choice": "auto"}, True, "`tools` must be set"),
+        ({"tools": TOOLS, "tool_choice": "required"}, True, "grammar-constrained decoding"),
+        ({"tools": TOOLS, "tool_choice": NAMED}, True, "grammar-constrained decoding"),
+        ({"tools": TOOLS, "tool_choice": "always"}, True, "Invalid value for `tool_choice`"),
+    ],
+)
+def test_tool_choices_tessera_cannot_honour_are_400(kw: dict, enabled: bool, words: str) -> None:
+    with pytest.raises(OpenAIError) as e:
+        convert.tool_parser_for(chat(**kw), enabled, "hermes" if enabled else None)
+    assert words in str(e.value) and e.value.info.param == "tool_choice"
+    assert e.value.info.code == 400
+
+
+def test_tools_reach_the_chat_template_as_given():
+    assert convert.chat_request(chat(tools=TOOLS, tool_choice="none"), "r").tools == TOOLS
+    assert convert.chat_request(chat(), "r").tools is None
+
+
+def tool_call_outputs(text: str, finish_reason: str = "stop") -> list[RequestOutput]:
+    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+    outs = [RequestOutput("r", text=p, token_ids=[1]) for p in pieces]
+    outs[-1].finish_reason, outs[-1].prompt_tokens = finish_reason, 3
+    return outs
+
+
+CALL_TEXT = (
+    'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_chat_response_with_tool_calls(parallel: bool):
+    c = Collected()
+    for out in tool_call_outputs(CALL_TEXT):
+        c.add(out)
+    choice = convert.chat_response(c, "x", 1, "m", None, "hermes", parallel)["choices"][0]
+    message = choice["message"]
+    assert message["content"] == "Checking." and choice["finish_reason"] == "tool_calls"
+    calls = message["tool_calls"]
+    assert [json.loads(t["function"]["arguments"]) for t in calls] == [
+        {"city": "Paris"},
+        {"city": "Oslo"},
+    ][: 2 if parallel else 1]
+    assert all(t["id"].startswith("call_") and t["type"] == "function" for t in calls)
+    plain = convert.chat_response(c, "x", 1, "m", None)["choices"][0]
+    assert plain["message"] == {"role": "assistant", "content": CALL_TEXT}  # tool_choice none
+    assert plain["finish_reason"] == "stop"
+
+
+def test_chat_chunks_stream_tool_call_deltas():
+    r = ChatChunks("x", 1, "m", False, None, tool_parser="hermes")
+    chunks = r.start() + [b for out in tool_call_outputs(CALL_TEXT) for b in r.render(out)]
+    deltas = [ch["choices"][0]["delta"] for ch in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert "".join(d.get("content", "") for d in deltas[1:]) == "Checking."
+    calls = [t for d in deltas for t in d.get("tool_calls", [])]
+    firsts = [t for t in calls if "id" in t]
+    assert [(t["index"], t["function"]["name"]) for t in firsts] == [
+        (0, "get_weather"),
+        (1, "get_weather"),
+    ]
+    for i, city in enumerate(("Paris", "Oslo")):
+        args = "".join(t["function"]["arguments"] for t in calls if t["index"] == i)
+        assert json.loads(args) == {"city": city}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(ch["choices"][0]["delta"] or ch["choices"][0]["finish_reason"] for ch in chunks)
