@@ -9,12 +9,14 @@ on this loop while a step runs; heartbeats come from their own thread.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import torch
 
 from actors.execution import KVLimits, ModelRunner
+from actors.execution.tp_group import join_group
 from core.codec import CodecError
 from devices import get_platform
 from devices.cpu_threads import ThreadGovernor, usable_cores
@@ -26,11 +28,16 @@ class ExecutorActor(Stage):
     async def setup(self) -> dict[str, Any]:
         c = self.config
         platform = get_platform(c.device)
-        cores = usable_cores()
+        tp_size = c.tensor_parallel_size
+        cores = max(1, usable_cores() // tp_size)  # CPU ranks share the machine's cores
         platform.set_threads(c.threads or cores)
         self.platform = platform
         # On a shared CPU the pool follows the cores other tasks leave free; --threads fixes it.
-        self.governor = ThreadGovernor(cores) if platform.adapts_threads and not c.threads else None
+        # Tensor-parallel ranks keep a fixed pool: they wait for each other at every all-reduce.
+        adapts = platform.adapts_threads and not c.threads and tp_size == 1
+        self.governor = ThreadGovernor(cores) if adapts else None
+        rendezvous = os.path.join(c.run_dir, "tensor-parallel")
+        tp = join_group(platform, self.index, tp_size, rendezvous)
         torch.manual_seed(c.seed)  # every rank draws the same unseeded samples
         t0 = time.monotonic()
         # Loaded on the loop (main) thread too: weights packed from a worker thread made decode
@@ -48,6 +55,7 @@ class ExecutorActor(Stage):
                 kv_cache_memory=c.kv_cache_memory,
             ),
             enforce_eager=c.enforce_eager,
+            tp=tp,
         )
         pool = self.runner.pool
         if pool.capped:
@@ -58,6 +66,7 @@ class ExecutorActor(Stage):
             "model loaded",
             model=c.model,
             device=str(self.runner.device),
+            tensor_parallel=f"rank {self.index} of {tp_size}",
             dtype=str(self.runner.dtype),
             seconds=round(time.monotonic() - t0, 2),
             kv_blocks=pool.num_blocks,

@@ -384,11 +384,6 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         parser.error("--memory-utilization must be in (0, 1]")
     if bool(cfg.ssl_keyfile) != bool(cfg.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
-    if cfg.tensor_parallel_size > 1:
-        parser.error(
-            "--tensor-parallel-size > 1 is not implemented yet (the wire and the "
-            "supervisor already plan one executor per rank; weight sharding is missing)"
-        )
     if cfg.dtype in ("half",):
         cfg.dtype = "float16"
     elif cfg.dtype in ("float",):

@@ -26,6 +26,10 @@ HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 SKIPPED = re.compile(r"rotary_emb\.inv_freq|^visual\.|^model\.visual\.")
 
 
+def _unreduced(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -33,6 +37,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
+        # Tensor parallel: o_proj and down_proj give this rank's partial sums; the loader sets
+        # the all-reduce that completes them (models/parallel.py). One rank: nothing to sum.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _unreduced
 
     def forward(
         self,
@@ -41,8 +48,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cos_sin, meta, cache))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 # Runs one layer: (layer, x, cos_sin, meta, cache) -> x. A device may hand forward a compiled one.

@@ -14,6 +14,7 @@ from gguf.quants import dequantize
 
 from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from models.decoder import Decoder
+from models.parallel import TensorParallel, rank_config, shard_weights
 from models.weights import build_empty, finish_loading
 
 # llama.cpp tensor name -> HF tensor name ({n} is the layer index).
@@ -98,9 +99,16 @@ def iter_gguf_tensors(
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
 
 
-def load_gguf_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
+def gguf_file_config(path: str) -> ModelConfig:
+    return gguf_config(GGUFReader(path))
+
+
+def load_gguf_model(
+    path: str, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None
+) -> Decoder:
+    tp = tp or TensorParallel()
     reader = GGUFReader(path)
     config = gguf_config(reader)
-    model = build_empty(config, device, dtype)
-    loaded = model.load_weights(iter_gguf_tensors(reader, config))
+    model = build_empty(rank_config(config, tp), device, dtype, tp)
+    loaded = model.load_weights(shard_weights(iter_gguf_tensors(reader, config), config, tp))
     return finish_loading(model, loaded, path)

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
-from models.gguf_loader import load_gguf_model
+from models.gguf_loader import gguf_file_config, load_gguf_model
+from models.parallel import TensorParallel, rank_config, shard_weights
 from models.weights import build_empty, finish_loading
 
 
@@ -47,12 +48,24 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Decoder:
-    """Loads an HF folder or a .gguf file onto `device` in `dtype`, weights as checkpointed (the
-    device's Platform.prepare_model adapts them to its kernels afterwards)."""
+def model_config(path: str) -> ModelConfig:
+    """The checkpoint's whole-model config (HF folder or .gguf), without loading weights."""
     if str(path).endswith(".gguf"):
-        return load_gguf_model(path, device, dtype)
+        return gguf_file_config(path)
+    return load_hf_config(path)
+
+
+def load_model(
+    path: str, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None
+) -> Decoder:
+    """Loads an HF folder or a .gguf file onto `device` in `dtype`, weights as checkpointed (the
+    device's Platform.prepare_model adapts them to its kernels afterwards); with `tp`, this
+    rank's share of them (models/parallel.py)."""
+    tp = tp or TensorParallel()
+    if str(path).endswith(".gguf"):
+        return load_gguf_model(path, device, dtype, tp)
     folder = Path(path)
-    model = build_empty(load_hf_config(folder), device, dtype)
-    loaded = model.load_weights(iter_safetensors(safetensors_files(folder)))
-    return finish_loading(model, loaded, str(folder))
+    config = load_hf_config(folder)
+    model = build_empty(rank_config(config, tp), device, dtype, tp)
+    weights = shard_weights(iter_safetensors(safetensors_files(folder)), config, tp)
+    return finish_loading(model, model.load_weights(weights), str(folder))

@@ -3,6 +3,8 @@ The executor stage hands it each StepPlan (and image pixels); it runs the forwar
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from actors.execution.decode_graphs import DecodeGraphs
@@ -13,8 +15,9 @@ from actors.execution.sequence import SequenceState
 from devices.base import Platform
 from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from models.decoder import Decoder
-from models.loader import load_model
+from models.loader import load_model, model_config
 from models.mrope import mrope_positions
+from models.parallel import TensorParallel, widest_rank_kv_heads
 from models.qwen2_5_vl import Qwen2_5_VLModel
 from models.sampler import SamplingBatch, sample
 from protocols.messages import (
@@ -97,14 +100,19 @@ class ModelRunner:
         block_size: int = 16,
         limits: KVLimits | None = None,
         enforce_eager: bool = False,
+        tp: TensorParallel | None = None,
     ) -> ModelRunner:
         """Loads the checkpoint onto `platform`'s device for `rank` and sizes the KV pool in what
-        memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default."""
+        memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default. With
+        `tp`, this rank's share of the weights and of the KV heads (models/parallel.py)."""
         limits = limits or KVLimits()
         device = platform.torch_device(rank)
         torch_dtype = DTYPES[dtype] if dtype in DTYPES else platform.default_dtype()
-        model = load_model(model_path, device, torch_dtype)
+        model = load_model(model_path, device, torch_dtype, tp)
         config = model.config
+        if tp is not None and tp.size > 1:  # every rank the same blocks: sized for the widest
+            kv_heads = widest_rank_kv_heads(model_config(model_path), tp.size)
+            config = dataclasses.replace(config, num_kv_heads=kv_heads)
         pool = size_kv_pool(
             limits,
             bytes_per_block=kv_cache_bytes_per_block(config, block_size, torch_dtype),
