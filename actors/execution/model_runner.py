@@ -51,6 +51,7 @@ class ModelRunner:
         *,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
+        tp: TensorParallel | None = None,
     ) -> None:
         """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool
         and, unless `enforce_eager`, records decode steps of up to max_num_seqs sequences where
@@ -73,7 +74,10 @@ class ModelRunner:
         self.vision_batch_patches = platform.vision_batch_patches
         self.decode_kernel = platform.decode_attention()
         self.graphs: DecodeGraphs | None = None
-        if not enforce_eager and platform.records_graphs and self.decode_kernel is not None:
+        # Recorded steps serve one rank; tensor-parallel ranks (an all-reduce per layer) run
+        # eagerly until graphs with collectives are tested on several GPUs.
+        single = tp is None or tp.size == 1
+        if not enforce_eager and single and platform.records_graphs and self.decode_kernel:
             self.graphs = DecodeGraphs(
                 model,
                 self.kv,
@@ -127,6 +131,7 @@ class ModelRunner:
             pool,
             max_num_seqs=limits.max_num_seqs,
             enforce_eager=enforce_eager,
+            tp=tp,
         )
 
     @property
