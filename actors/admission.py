@@ -20,6 +20,7 @@ TEXT_PART = "text"
 IMAGE_PARTS = ("image_url", "image")  # {"type": "image_url", "image_url": {"url"}} or "image"
 MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "continue_final_message")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an integer on the wire may hold
 
 # Value ranges of the float sampling fields: (low, low included, high); high is always included.
 _FLOAT_RANGES: dict[str, tuple[float, bool, float]] = {
@@ -234,7 +235,8 @@ def check_generation_prompt(add_generation_prompt: Any, continue_final_message: 
 
 
 def check_template_kwargs(kwargs: Any) -> None:
-    """chat_template_kwargs: an object whose keys do not replace what the engine passes."""
+    """chat_template_kwargs: an object whose keys do not replace what the engine passes (any
+    other name is safe: models.chat_template takes the variables as a mapping)."""
     if not isinstance(kwargs, dict):
         raise RequestInvalid("chat_template_kwargs must be an object", param="chat_template_kwargs")
     taken = [k for k in RESERVED_TEMPLATE_KWARGS if k in kwargs]
@@ -242,6 +244,30 @@ def check_template_kwargs(kwargs: Any) -> None:
         raise RequestInvalid(
             f"chat_template_kwargs may not set {taken[0]!r}", param="chat_template_kwargs"
         )
+
+
+def request_chat_template(
+    chat_template: Any, template_kwargs: dict[str, Any], trusted: bool
+) -> str | None:
+    """The chat template a request brings (`chat_template`, or one in chat_template_kwargs as
+    transformers takes it), None if it brings none. Rendering a client's template runs code of
+    its choosing, so it is refused unless the server runs with --trust-request-chat-template
+    (vLLM's rule and wording)."""
+    template = chat_template
+    param = "chat_template"
+    if template is None and template_kwargs.get("chat_template") is not None:
+        template, param = template_kwargs["chat_template"], "chat_template_kwargs"
+    if template is None:
+        return None
+    if not trusted:
+        raise RequestInvalid(
+            "Chat template is passed with request, but --trust-request-chat-template is not "
+            "set. Refused request with untrusted chat template.",
+            param=param,
+        )
+    if not isinstance(template, str) or not template:
+        raise RequestInvalid("chat_template must be a non-empty string", param=param)
+    return template
 
 
 def check_image_count(n_images: int, limits: dict[str, int]) -> None:
@@ -307,8 +333,10 @@ def check_sampling(sp: SamplingParams, vocab_size: int, max_logprobs: int = MAX_
             f"--max-logprobs), got {sp.logprobs!r}",
             param="logprobs",
         )
-    if sp.seed is not None and not _is_int(sp.seed):
-        raise RequestInvalid(f"seed must be an integer, got {sp.seed!r}", param="seed")
+    if sp.seed is not None and (not _is_int(sp.seed) or not INT64_MIN <= sp.seed <= INT64_MAX):
+        raise RequestInvalid(
+            f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}], got {sp.seed!r}", param="seed"
+        )
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(sp, name), bool):
             raise RequestInvalid(f"{name} must be true or false", param=name)

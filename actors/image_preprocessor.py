@@ -102,7 +102,11 @@ class ImagePreprocessorActor(Stage):
                 error = ErrorInfo(str(exc), param=getattr(exc, "param", None) or "messages")
             except Exception as exc:  # a bug costs one request, never the stage
                 self.log.exception("image stage error", request_id=rid)
-                error = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
+                error = ErrorInfo(
+                    f"internal error in the image stage ({type(exc).__name__}); see the server log",
+                    type="InternalServerError",
+                    code=500,
+                )
         if self.fetching.pop(rid, None) is None:
             return  # aborted while fetching: the client is gone
         if error is not None:

@@ -66,12 +66,15 @@ def content_hash(image: Image.Image) -> str:
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> upright RGB image; the pixel count is checked from the header before decoding."""
+    # Pillow's messages quote its objects (`<_io.BytesIO object at 0x...>`): never passed on.
     try:
         image: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:
-        raise MediaError(f"image has too many pixels: {e}") from e
+        raise MediaError(f"image has too many pixels (more than {max_pixels})") from e
     except Exception as e:  # pillow raises many types for garbage input
-        raise MediaError(f"cannot decode image: {e}") from e
+        raise MediaError(
+            f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} image, or damaged"
+        ) from e
     width, height = image.size
     if width * height > max_pixels:
         raise MediaError(f"image has {width}x{height} pixels, more than the limit of {max_pixels}")
@@ -82,7 +85,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except Exception as e:
-        raise MediaError(f"cannot decode image: {e}") from e
+        raise MediaError(
+            f"cannot decode image: the {image.format or 'image'} data is damaged"
+        ) from e
 
 
 async def load_image(source: str, policy: MediaPolicy) -> tuple[Image.Image, bytes]:

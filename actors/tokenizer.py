@@ -68,8 +68,7 @@ class TokenizerActor(Stage):
             return
         except Exception as exc:  # a bug must cost one request, never the stage
             self.log.exception("tokenizer error", request_id=rid)
-            err = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
-            await self.to_gateway.send(RequestError(rid, err))
+            await self.to_gateway.send(RequestError(rid, internal_error(exc)))
             return
         metrics.stage_latency.labels("tokenizer").observe(time.perf_counter() - t0)
         self.log.debug("tokenized", request_id=rid, prompt_tokens=len(admitted.prompt_token_ids))
@@ -101,8 +100,7 @@ class TokenizerActor(Stage):
             reply = TokenizeReply(rid, error=exc.error)
         except Exception as exc:  # a bug must cost one request, never the stage
             self.log.exception("tokenize error", request_id=rid)
-            err = ErrorInfo(f"internal error: {exc}", type="InternalServerError", code=500)
-            reply = TokenizeReply(rid, error=err)
+            reply = TokenizeReply(rid, error=internal_error(exc))
         await self.to_gateway.send(reply)
 
     def tokenize(self, req: TokenizeRequest) -> TokenizeReply:
@@ -116,6 +114,7 @@ class TokenizerActor(Stage):
                 req.continue_final_message,
                 req.chat_template_kwargs,
                 req.tools,
+                req.chat_template,
                 add_special_tokens=bool(req.add_special_tokens),
             )
             if sources:
@@ -156,6 +155,7 @@ class TokenizerActor(Stage):
                 req.continue_final_message,
                 req.chat_template_kwargs,
                 req.tools,
+                req.chat_template,
             )
         elif req.prompt is not None:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
@@ -189,31 +189,47 @@ class TokenizerActor(Stage):
         continue_final_message: bool,
         template_kwargs: dict[str, Any],
         tools: list[dict[str, Any]] | None,
+        chat_template: str | None,
         add_special_tokens: bool = False,
     ) -> tuple[list[int], list[str]]:
         """Chat template (with the request's tool definitions) -> token ids, and the image
-        sources in prompt order."""
+        sources in prompt order. Special tokens the request writes are text, not control tokens."""
         accepts_images = self.facts.accepts_images
         sources = admission.parse_messages(messages, accepts_images)
         admission.check_image_count(len(sources), self.config.limit_mm_per_prompt)
         admission.check_generation_prompt(add_generation_prompt, continue_final_message)
         admission.check_template_kwargs(template_kwargs)
         admission.check_tools(tools)
+        template = admission.request_chat_template(
+            chat_template, template_kwargs, self.config.trust_request_chat_template
+        )
+        template_kwargs = {k: v for k, v in template_kwargs.items() if k != "chat_template"}
         if tools is not None:  # the request's tools win over a "tools" in chat_template_kwargs
             template_kwargs = {**template_kwargs, "tools": tools or None}
         try:
-            text = self.tokenizer.apply_chat_template(
+            ids = self.tokenizer.encode_chat(
                 template_messages(messages, text_only=not accepts_images),
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                **template_kwargs,
+                template_kwargs=template_kwargs,
+                add_special_tokens=add_special_tokens,
+                chat_template=template,
             )
         except ValueError as exc:
             raise RequestInvalid(
                 f"cannot apply the chat template: {exc}", param="messages"
             ) from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         if sources:
             assert self.facts.image_token_id is not None  # parse_messages refused images otherwise
             admission.check_image_placeholders(ids, self.facts.image_token_id, len(sources))
         return ids, sources
+
+
+def internal_error(exc: Exception) -> ErrorInfo:
+    """What the client learns of a bug in this stage: its kind, not its text (which may quote
+    internals); the traceback is in the server log."""
+    return ErrorInfo(
+        f"internal error in the tokenizer stage ({type(exc).__name__}); see the server log",
+        type="InternalServerError",
+        code=500,
+    )

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the checkpoint's)",
     )
     p.add_argument(
+        "--trust-request-chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=d.trust_request_chat_template,
+        help="render a chat_template sent in a request (as vLLM); without it such a request is "
+        "refused with a 400, since a template runs code of the client's choosing on the server "
+        "(default: off)",
+    )
+    p.add_argument(
         "--generation-config",
         type=generation_config_source,
         default=d.generation_config,

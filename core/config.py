@@ -20,6 +20,7 @@ class EngineConfig:
     model_aliases: list[str] = field(default_factory=list)  # accepted too, not listed
     tokenizer: str = ""  # tokenizer folder or .gguf file; "" = the model's own
     chat_template: str | None = None  # template text replacing the checkpoint's; None = keep it
+    trust_request_chat_template: bool = False  # vLLM's: a request's own chat_template is rendered
     generation_config: str = "auto"  # sampling defaults: auto (the model's) | vllm (none) | folder
     enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the calls in answers
     tool_call_parser: str | None = None  # hermes | llama3_json (protocols/openai/tool_parsers.py)

@@ -63,9 +63,11 @@ def render_chat_template(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    /,
     **kwargs: Any,
 ) -> str:
-    """Render `messages` with the template; template errors become ValueError.
+    """Render `messages` with the template; template errors become ValueError. `kwargs` are the
+    template's other variables (any names: the parameters are positional only).
 
     With `continue_final_message` the text ends right after the final message's text (whatever
     the template puts after it dropped), so the model continues that message, as transformers
@@ -76,7 +78,7 @@ def render_chat_template(
         messages = _mark_final_text(messages)
     try:
         text = template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **context
+            {**context, "messages": messages, "add_generation_prompt": add_generation_prompt}
         )
     except Exception as exc:  # any failure inside a template is a bad request, not a crash
         raise ValueError(f"chat template failed: {exc}") from exc

@@ -4,10 +4,22 @@ The tokenizer stage uses it to render and encode prompts; the detokenizer stage 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Encoding,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 
 from models.chat_template import render_chat_template
 
@@ -38,9 +50,13 @@ class TextTokenizer:
             if i not in eos_ids:
                 eos_ids.append(i)
         self.eos_token_ids: list[int] = eos_ids
-        self.all_special_ids: set[int] = {
-            i for i, tok in hf.get_added_tokens_decoder().items() if tok.special
-        }
+        added = hf.get_added_tokens_decoder()
+        self.all_special_ids: set[int] = {i for i, tok in added.items() if tok.special}
+        # Special tokens as text, longest first (so a regex finds the longest at a position, as
+        # the tokenizer does), with whether each swallows the whitespace left / right of it.
+        specials = sorted({t.content for t in added.values() if t.special}, key=len, reverse=True)
+        self._special_strip = {t.content: (t.lstrip, t.rstrip) for t in added.values() if t.special}
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @classmethod
     def load(cls, path: str) -> TextTokenizer:
@@ -80,14 +96,123 @@ class TextTokenizer:
     ) -> str:
         """Render `messages` (checked by actors.admission.parse_messages) as prompt text; with
         `continue_final_message` the text ends inside the final message, for the model to go on."""
-        if not self.chat_template:
+        return self._render(messages, add_generation_prompt, continue_final_message, kwargs, None)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
+        add_special_tokens: bool = False,
+        chat_template: str | None = None,
+    ) -> list[int]:
+        """Render and tokenize a chat. The template's own special tokens become control tokens;
+        special tokens typed in anything the request supplies (message text, names, tool
+        definitions, template arguments) are encoded as the plain text they are, so a user cannot
+        forge a turn. A chat with no such text is tokenized exactly as transformers does it
+        (render, then encode the whole text). `chat_template` replaces the server's template."""
+        hidden = _HiddenSpecials(self._special_re)
+        text = self._render(
+            hidden.hide(messages),
+            add_generation_prompt,
+            continue_final_message,
+            hidden.hide(dict(template_kwargs or {})),
+            chat_template,
+        )
+        if not hidden.originals:
+            return self.encode(text, add_special_tokens=add_special_tokens)
+        return self._encode_template_specials_only(text, hidden, add_special_tokens)
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        kwargs: Mapping[str, Any],
+        chat_template: str | None,
+    ) -> str:
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError(
                 "this checkpoint has no chat template; send a plain prompt (completions) instead"
             )
         context = {**self.special_tokens, **kwargs}
         return render_chat_template(
-            self.chat_template, messages, add_generation_prompt, continue_final_message, **context
+            template, messages, add_generation_prompt, continue_final_message, **context
         )
+
+    def _encode_template_specials_only(
+        self, text: str, hidden: _HiddenSpecials, add_special_tokens: bool
+    ) -> list[int]:
+        """Token ids of rendered `text` in which every special token is the template's own and
+        request text holds placeholders: the text between special tokens (placeholders back to
+        what the request wrote) is encoded with special-token matching off, as the tokenizer
+        itself splits around special tokens, honouring their lstrip / rstrip."""
+        assert self._special_re is not None
+        pieces: list[tuple[str, bool]] = []  # (text, is a template special token)
+        at = 0
+        for match in self._special_re.finditer(text):
+            lstrip, rstrip = self._special_strip[match.group()]
+            before = text[at : match.start()]
+            pieces.append((before.rstrip() if lstrip else before, False))
+            pieces.append((match.group(), True))
+            at = match.end()
+            if rstrip:
+                at += len(text[at:]) - len(text[at:].lstrip())
+        pieces.append((text[at:], False))
+        kept = self.hf.encode_special_tokens
+        encodings: list[Encoding] = []
+        try:
+            for piece, special in pieces:
+                piece = piece if special else hidden.restore(piece)
+                if piece:
+                    self.hf.encode_special_tokens = not special
+                    encodings.append(self.hf.encode(piece, add_special_tokens=False))
+        finally:
+            self.hf.encode_special_tokens = kept
+        merged = Encoding.merge(encodings, growing_offsets=True)
+        if add_special_tokens:
+            merged = self.hf.post_process(merged, None, True)
+        return list(merged.ids)
+
+
+class _HiddenSpecials:
+    """Swaps the special tokens written in request data for random placeholders (before the
+    template renders it) and back (after the template's own special tokens are found)."""
+
+    def __init__(self, special_re: re.Pattern[str] | None) -> None:
+        self.special_re = special_re
+        self.nonce = "TSPECIAL" + secrets.token_hex(8)
+        self.originals: dict[str, str] = {}  # placeholder -> the special token's text
+        self.placeholders: dict[str, str] = {}  # the special token's text -> placeholder
+
+    def _swap(self, match: re.Match[str]) -> str:
+        token = match.group()
+        placeholder = self.placeholders.get(token)
+        if placeholder is None:
+            placeholder = f"{self.nonce}x{len(self.placeholders)}x"
+            self.placeholders[token] = placeholder
+            self.originals[placeholder] = token
+        return placeholder
+
+    def hide(self, value: Any) -> Any:
+        """A copy of JSON-like `value` whose strings (keys too) hold placeholders."""
+        if self.special_re is None:
+            return value
+        if isinstance(value, str):
+            return self.special_re.sub(self._swap, value)
+        if isinstance(value, dict):
+            return {self.hide(k): self.hide(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.hide(v) for v in value]
+        return value
+
+    def restore(self, text: str) -> str:
+        if not self.originals or self.nonce not in text:
+            return text
+        pattern = re.compile(f"{self.nonce}x[0-9]+x")
+        return pattern.sub(lambda m: self.originals.get(m.group(), m.group()), text)
 
 
 def template_messages(messages: list[dict[str, Any]], text_only: bool) -> list[dict[str, Any]]:

@@ -6,10 +6,21 @@ gateway -> client. Headers are orjson; tensors ride as `Buffer` frames (see core
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from core.codec import Buffer, Record, wire
+
+
+@dataclass
+class StructuredOutput:
+    """A constraint on the whole output (vLLM's structured_outputs): `kind` json (spec: a JSON
+    schema as text), regex, choice (spec: a JSON list of strings) or grammar (Lark or GBNF).
+    Checked against the tokenizer by the tokenizer stage; enforced by the sampler as a mask."""
+
+    kind: str
+    spec: str
 
 
 @dataclass
@@ -33,6 +44,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: sampled token plus k alternatives
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
+    structured: StructuredOutput | None = None  # the output must follow this (models/grammar.py)
 
 
 @dataclass
@@ -43,6 +55,36 @@ class ErrorInfo:
     type: str = "BadRequestError"
     param: str | None = None
     code: int = 400
+
+    def __post_init__(self) -> None:
+        self.message = public_text(self.message)
+        if self.param is not None:
+            self.param = utf8_text(self.param)
+
+
+_OBJECT_REPR = re.compile(r"<[^<>\n]{0,200}? at 0x[0-9a-fA-F]+>")  # <_io.BytesIO object at 0x..>
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{8,}\b")
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def public_text(message: str) -> str:
+    """An error message as a client may see it: no tracebacks, object reprs or heap addresses
+    (the last net; each stage words its own errors without them)."""
+    if not isinstance(message, str):
+        return "error"
+    at = message.find(_TRACEBACK)
+    if at >= 0:
+        message = message[:at].rstrip() or "internal error"
+    return utf8_text(_ADDRESS.sub("0x…", _OBJECT_REPR.sub("<object>", message)))
+
+
+def utf8_text(text: str) -> str:
+    """`text` with any lone surrogate (which UTF-8 cannot carry) written as its escape."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------- client <-> gateway
@@ -63,6 +105,7 @@ class GenerateRequest(Record):
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None  # OpenAI tool definitions, for the chat template
+    chat_template: str | None = None  # replaces the server's; --trust-request-chat-template only
     arrival_time: float = 0.0
 
 
@@ -106,6 +149,7 @@ class TokenizeRequest(Record):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
+    chat_template: str | None = None  # replaces the server's; --trust-request-chat-template only
     return_token_strs: bool = False
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+import structlog
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
@@ -42,6 +43,7 @@ from protocols.openai.schemas import (
     DetokenizeBody,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
+    WireValueError,
 )
 from protocols.openai.stream import (
     ChatChunks,
@@ -70,12 +72,59 @@ def error_response(info: ErrorInfo) -> Response:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """Pydantic's errors as one message naming each field (never quoting the values)."""
     parts, param = [], None
     for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, WireValueError):  # names its own place inside the body
+            param = param or cause.param
+            parts.append(str(cause))
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = param or (".".join(loc) or None)
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}")
     return "; ".join(parts) or "invalid request", param
+
+
+UNGUARDED_PATHS = ("/health", "/ping")  # what answers without the API key (probes)
+
+
+class ApiKeyGuard:
+    """ASGI middleware: with --api-key, every HTTP path but the health probes needs
+    `Authorization: Bearer KEY` (the API, /tokenize, /metrics, /docs, /openapi.json, unknown
+    paths alike), answered 401 in OpenAI's error shape."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self._public(scope) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        info = ErrorInfo(
+            "Unauthorized: a valid `Authorization: Bearer` key is required",
+            "AuthenticationError",
+            None,
+            401,
+        )
+        await error_response(info)(scope, receive, send)
+
+    @staticmethod
+    def _public(scope: Any) -> bool:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return path.rstrip("/") in UNGUARDED_PATHS
+
+    def _authorized(self, scope: Any) -> bool:
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                given = value
+                break
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
 
 
 class EventStreamResponse(StreamingResponse):
@@ -179,20 +228,9 @@ def build_app(
     except PackageNotFoundError:
         tessera_version = "0.0.0+unknown"
 
-    async def check_api_key(request: Request) -> None:
-        if not config.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), config.api_key.encode()
-        ):
-            raise OpenAIError(
-                "Unauthorized: a valid `Authorization: Bearer` key is required",
-                type="AuthenticationError",
-                code=401,
-            )
-
     app = FastAPI(title="Tessera", version=tessera_version, root_path=config.root_path)
+    if config.api_key:  # added before CORS, so CORS (outermost) answers preflights and 401s too
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key)
     if config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -200,8 +238,8 @@ def build_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-    tokens = APIRouter(dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1")
+    tokens = APIRouter()
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError) -> Response:
@@ -221,9 +259,14 @@ def build_app(
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> Response:
+        structlog.get_logger().exception("http error", actor="http")
+        # its kind only: the text of an exception may quote internals; the log has the rest
         return error_response(
             ErrorInfo(
-                f"internal error: {type(exc).__name__}: {exc}", "InternalServerError", None, 500
+                f"internal error ({type(exc).__name__}); see the server log",
+                "InternalServerError",
+                None,
+                500,
             )
         )
 
@@ -320,7 +363,7 @@ def build_app(
             "object": "model",
             "created": int(time.time()),
             "owned_by": "tessera",
-            "root": config.model or name,
+            "root": name,  # the served name: the checkpoint's path is the server's business
             "parent": None,
             "max_model_len": facts.max_model_len if facts else config.max_model_len,
         }
@@ -374,9 +417,9 @@ def build_app(
         nonlocal engine
         try:
             reply = await client.health(timeout=HEALTH_TIMEOUT_S)
-        except Exception as exc:
+        except Exception:
             return error_response(
-                ErrorInfo(f"engine unreachable: {exc}", "ServiceUnavailableError", None, 503)
+                ErrorInfo("engine unreachable", "ServiceUnavailableError", None, 503)
             )
         if not reply.ready:
             return error_response(

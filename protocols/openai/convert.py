@@ -7,6 +7,7 @@ back path: RequestOutput increments -> response dicts and SSE chunk dicts for th
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ from protocols.messages import (
     TokenLogprob,
 )
 from protocols.openai.schemas import (
+    INT64_MAX,
+    INT64_MIN,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeBody,
@@ -34,6 +37,7 @@ from protocols.openai.schemas import (
 from protocols.openai.tool_parsers import parse_tool_calls
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # negative ones are refused by the engine, naming the id
 
 
 class OpenAIError(Exception):
@@ -80,13 +84,14 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
         return None
     bias: dict[int, float] = {}
     for key, value in raw.items():
-        try:
-            bias[int(key)] = value
-        except ValueError:
+        # digits only (no int() leniency: spaces, "_", "+"), and short enough for 64 bits
+        if not (_TOKEN_ID.fullmatch(key) and len(key) <= 20 and INT64_MIN <= int(key) <= INT64_MAX):
             raise OpenAIError(
-                f"logit_bias keys must be token ids (integers written as strings), got {key!r}",
+                "logit_bias keys must be token ids (integers written as strings), got "
+                f"{key[:32]!r}",
                 param="logit_bias",
-            ) from None
+            )
+        bias[int(key)] = value
     return bias
 
 
@@ -148,6 +153,7 @@ def chat_request(
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         mm_processor_kwargs=dict(req.mm_processor_kwargs or {}),
         tools=req.tools,
+        chat_template=req.chat_template,
         arrival_time=time.time(),
     )
 
@@ -241,6 +247,7 @@ def tokenize_request(
         continue_final_message=req.continue_final_message,
         chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         tools=req.tools,
+        chat_template=req.chat_template,
         return_token_strs=req.return_token_strs,
     )
 

@@ -1,9 +1,11 @@
 """Pydantic models of the OpenAI request bodies Tessera accepts: field names, types and shapes.
 
 First stop of an HTTP request: FastAPI checks the body's types against these before `convert`
-runs. Value rules (ranges, limits) are the engine's, checked once for every request by
-actors/admission.py, so SDK and HTTP requests meet the same rules. Fields a body declares
-nowhere here are dropped, each name logged once (debug level).
+runs. Types are strict (no "yes" for true, no 1.5 for an integer; an integer is accepted for a
+number), and every integer, string and nesting level anywhere in a body must be one the engine's
+wire can carry (64-bit integers, UTF-8 strings). Value rules (ranges, limits) are the engine's,
+checked once for every request by actors/admission.py, so SDK and HTTP requests meet the same
+rules. Fields a body declares nowhere here are dropped, each name logged once (debug level).
 """
 
 from __future__ import annotations
@@ -13,14 +15,60 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from protocols.messages import utf8_text
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 64  # nesting levels of a body: content parts and tool schemas need a handful
+
 _unknown_seen: set[str] = set()  # field names already logged
+
+
+class WireValueError(ValueError):
+    """A body value the wire cannot carry; `param` is where it is (dotted path)."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(f"{param or 'body'}: {message}")
+        self.param = param
+
+
+def check_wire_values(data: Any) -> None:
+    """Refuse (WireValueError naming where) what parses as JSON but cannot travel on the engine's
+    wire: integers outside 64 bits, strings with lone surrogates (not UTF-8), deep nesting."""
+    todo: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while todo:
+        value, where, depth = todo.pop()
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            continue
+        elif isinstance(value, int):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise WireValueError("integer outside the 64-bit range", where or None)
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise WireValueError(f"nested more than {MAX_DEPTH} levels deep", where or None)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                at = f"{where}.{utf8_text(str(key))}" if where else utf8_text(str(key))
+                if isinstance(key, str):
+                    _check_text(key, at)
+                todo.append((item, at, depth + 1))
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireValueError(
+            "string holds a lone surrogate (not valid Unicode text)", where or None
+        ) from None
 
 
 class Body(BaseModel):
     """A request body (or part of one): unknown fields are ignored, as OpenAI's API does, and
-    each unknown field name is logged the first time it is seen."""
+    each unknown field name is logged the first time it is seen. Types are strict."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -35,12 +83,22 @@ class Body(BaseModel):
         return data
 
 
+class RequestBody(Body):
+    """A whole request body: its values are checked for the wire first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_wire_values(cls, data: Any) -> Any:
+        check_wire_values(data)
+        return data
+
+
 class StreamOptions(Body):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted, not implemented
 
 
-class SamplingFields(Body):
+class SamplingFields(RequestBody):
     """Fields shared by chat and text completions; names follow OpenAI and vLLM."""
 
     model: str | None = None
@@ -73,6 +131,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # refused unless --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
@@ -89,7 +148,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
-class TokenizeCompletionRequest(Body):
+class TokenizeCompletionRequest(RequestBody):
     """vLLM's /tokenize body for a plain prompt."""
 
     model: str | None = None
@@ -98,7 +157,7 @@ class TokenizeCompletionRequest(Body):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(Body):
+class TokenizeChatRequest(RequestBody):
     """vLLM's /tokenize body for chat messages, rendered with the server's chat template."""
 
     model: str | None = None
@@ -107,11 +166,12 @@ class TokenizeChatRequest(Body):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool = False
+    chat_template: str | None = None  # refused unless --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
 
 
-class DetokenizeBody(Body):
+class DetokenizeBody(RequestBody):
     """vLLM's /detokenize body (its DetokenizeRequest)."""
 
     model: str | None = None

@@ -179,7 +179,9 @@ async def _continued(
         except StopAsyncIteration:
             out = RequestOutput(request_id=first.request_id, finish_reason="error")
         except Exception as exc:  # the engine link failed mid-stream
-            info = ErrorInfo(f"engine error: {exc}", "InternalServerError", None, 500)
+            info = ErrorInfo(
+                f"the engine link failed ({type(exc).__name__})", "InternalServerError", None, 500
+            )
             out = RequestOutput(request_id=first.request_id, finish_reason="error", error=info)
 
 

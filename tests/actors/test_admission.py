@@ -307,3 +307,27 @@ def test_assistant_tool_calls_are_checked_inside_the_messages() -> None:
     for calls, param in bad_calls:
         bad = [good[0], {**good[1], "tool_calls": calls}]
         refused(param, admission.parse_messages, bad, False)
+
+
+def test_request_chat_template_needs_the_servers_trust() -> None:
+    message = refused("chat_template", admission.request_chat_template, "{{ 1 }}", {}, False)
+    assert "--trust-request-chat-template" in message
+    refused(
+        "chat_template_kwargs",
+        admission.request_chat_template,
+        None,
+        {"chat_template": "{{ 1 }}"},
+        False,
+    )
+    assert admission.request_chat_template(None, {}, False) is None
+    assert admission.request_chat_template(None, {"chat_template": None}, False) is None
+    assert admission.request_chat_template("{{ 1 }}", {}, True) == "{{ 1 }}"
+    assert admission.request_chat_template(None, {"chat_template": "T"}, True) == "T"
+    refused("chat_template", admission.request_chat_template, "", {}, True)
+
+
+def test_seed_is_a_64_bit_integer() -> None:
+    for seed in (2**63, -(2**63) - 1):
+        refused("seed", admission.check_sampling, SamplingParams(seed=seed), VOCAB)
+    for seed in (2**63 - 1, -(2**63)):
+        admission.check_sampling(SamplingParams(seed=seed), VOCAB)

@@ -229,3 +229,8 @@ def test_a_missing_tokenizer_is_refused(tmp_path: Path) -> None:
     cfg = parse_args([str(tmp_path), "--tokenizer", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="--tokenizer"):
         resolve_model(cfg)
+
+
+def test_trust_request_chat_template_is_off_unless_asked(tmp_path: Path) -> None:
+    assert parse_args([str(tmp_path)]).trust_request_chat_template is False
+    assert parse_args([str(tmp_path), "--trust-request-chat-template"]).trust_request_chat_template
