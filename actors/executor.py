@@ -56,6 +56,7 @@ class ExecutorActor(Stage):
             ),
             enforce_eager=c.enforce_eager,
             tp=tp,
+            tokenizer=c.tokenizer,
         )
         pool = self.runner.pool
         if pool.capped:

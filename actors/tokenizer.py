@@ -16,6 +16,8 @@ from actors.admission import RequestInvalid
 from core.launch.addresses import owner
 from models.chat_template import compile_chat_template
 from models.detokenizer import PROMPT_CONTEXT
+from models.grammar import check as check_structured
+from models.grammar import grammar_tokenizer
 from models.tokenizer import TextTokenizer, template_messages
 from protocols.messages import (
     AbortRequest,
@@ -147,6 +149,14 @@ class TokenizerActor(Stage):
         param = admission.check_prompt_form(req)
         sp = req.sampling
         admission.check_sampling(sp, self.facts.vocab_size, self.config.max_logprobs)
+        if sp.structured is not None:
+            vocab = grammar_tokenizer(self.config.tokenizer_path, tuple(self.eos_ids))
+            error = check_structured(sp.structured.kind, sp.structured.spec, vocab)
+            if error is not None:
+                raise RequestInvalid(
+                    f"the structured output format cannot be enforced: {error}",
+                    param="response_format",
+                )
         sources: list[str] = []
         if req.messages is not None:
             ids, sources = self._render_chat(

@@ -15,6 +15,7 @@ from actors.execution.sequence import SequenceState
 from devices.base import Platform
 from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from models.decoder import Decoder
+from models.grammar import Constraint, grammar_tokenizer
 from models.loader import load_model, model_config
 from models.mrope import mrope_positions
 from models.parallel import TensorParallel, widest_rank_kv_heads
@@ -52,6 +53,7 @@ class ModelRunner:
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
         tp: TensorParallel | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool
         and, unless `enforce_eager`, records decode steps of up to max_num_seqs sequences where
@@ -89,6 +91,7 @@ class ModelRunner:
                 scratch_block=pool.num_blocks,
                 mrope=self.uses_mrope,
             )
+        self.tokenizer = tokenizer  # where structured outputs read the vocabulary from
         self.requests: dict[str, SequenceState] = {}
         self.pixels = PixelStore()
         self.encoder_cache = EncoderCache()
@@ -105,6 +108,7 @@ class ModelRunner:
         limits: KVLimits | None = None,
         enforce_eager: bool = False,
         tp: TensorParallel | None = None,
+        tokenizer: str | None = None,
     ) -> ModelRunner:
         """Loads the checkpoint onto `platform`'s device for `rank` and sizes the KV pool in what
         memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default. With
@@ -132,6 +136,7 @@ class ModelRunner:
             max_num_seqs=limits.max_num_seqs,
             enforce_eager=enforce_eager,
             tp=tp,
+            tokenizer=tokenizer or model_path,
         )
 
     @property
@@ -188,6 +193,12 @@ class ModelRunner:
             state.mrope_positions, state.mrope_delta = torch.from_numpy(positions), delta
         elif req.images:
             raise ValueError(f"request {req.request_id} has images; {c.architecture} takes none")
+        structured = req.sampling.structured
+        if structured is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the runner's tokenizer path")
+            vocab = grammar_tokenizer(self.tokenizer, tuple(req.eos_token_ids))
+            state.constraint = Constraint(structured.kind, structured.spec, vocab)
         self.requests[req.request_id] = state
 
     # ------------------------------------------------------------------ one step
@@ -279,6 +290,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         else:
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        constrained = [i for i, state in enumerate(sampling) if state.constraint is not None]
+        if constrained:
+            vocab = logits.shape[-1]
+            masks = [sampling[i].constraint.allowed(vocab) for i in constrained]  # type: ignore[union-attr]
+            index = torch.tensor(constrained, device=self.device)
+            allowed = torch.stack(masks).to(self.device)
+            logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         out = sample(logits, SamplingBatch.build(sampling, logits.shape[-1], self.device))
         token_ids = out.token_ids.tolist()
         lp = out.logprobs.tolist() if out.logprobs is not None else None
@@ -287,6 +305,8 @@ class ModelRunner:
         result = []
         for i, state in enumerate(sampling):
             state.output_token_ids.append(token_ids[i])
+            if state.constraint is not None:
+                state.constraint.accept(token_ids[i])
             k = state.sampling.logprobs
             logprobs = None
             if k is not None and lp is not None:

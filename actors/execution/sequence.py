@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.grammar import Constraint
 from protocols.messages import EngineRequest, SamplingParams
 
 
@@ -21,6 +22,7 @@ class SequenceState:
     mrope_positions: torch.Tensor | None = None  # int64 [3, prompt_len]; None for text models
     mrope_delta: int = 0  # a generated token at index i has M-RoPE position i + delta
     output_token_ids: list[int] = field(default_factory=list)
+    constraint: Constraint | None = None  # structured output: the tokens allowed next
 
     @property
     def request_id(self) -> str:

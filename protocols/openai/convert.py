@@ -24,6 +24,7 @@ from protocols.messages import (
     TokenizeRequest,
     TokenLogprob,
 )
+from protocols.openai.errors import OpenAIError
 from protocols.openai.schemas import (
     INT64_MAX,
     INT64_MIN,
@@ -34,20 +35,12 @@ from protocols.openai.schemas import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from protocols.openai.structured import GUIDED_KEYS, structured_output
 from protocols.openai.tool_parsers import parse_tool_calls
+
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # negative ones are refused by the engine, naming the id
-
-
-class OpenAIError(Exception):
-    """A request refused by the adapter; carries the OpenAI error it becomes."""
-
-    def __init__(
-        self, message: str, type: str = "BadRequestError", param: str | None = None, code: int = 400
-    ) -> None:
-        super().__init__(message)
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
 
 
 def error_body(info: ErrorInfo) -> dict[str, Any]:
@@ -130,6 +123,11 @@ def _sampling(
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         logit_bias=_logit_bias(req.logit_bias),
+        structured=structured_output(
+            req.response_format,
+            req.structured_outputs,
+            {name: getattr(req, name) for name in GUIDED_KEYS},
+        ),
     )
 
 
