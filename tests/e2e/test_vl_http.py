@@ -122,9 +122,8 @@ def ask(eng: EngineProcess, url: str, **kw):
     client = openai.OpenAI(base_url=eng.base_url, api_key="none", max_retries=0)
     return client.chat.completions.create(
         model="tiny-vl",
-        max_tokens=4,
         temperature=0,
-        **kw,
+        **{"max_tokens": 4, **kw},
         messages=[
             {
                 "role": "user",
@@ -270,3 +269,27 @@ def test_grounding_example_runs_against_the_server(
     assert report["original_size"] == [64, 48]
     assert report["resized_size"][0] % 28 == 0
     assert out_png.exists() and Image.open(out_png).size == (64, 48)
+
+
+def test_json_schema_answer_about_an_image(vl_server: EngineProcess) -> None:
+    """Structured output with an image: a grounding-style box as schema-valid JSON."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "label": {"enum": ["cat", "dog"]},
+            "bbox_2d": {
+                "type": "array",
+                "items": {"enum": [0, 14, 28]},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+        },
+        "required": ["label", "bbox_2d"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "box", "schema": schema}}
+    out = ask(vl_server, data_url(png_bytes(56, 56, 3)), response_format=fmt, max_tokens=40)
+    value = json.loads(out.choices[0].message.content or "")
+    assert value["label"] in ("cat", "dog") and len(value["bbox_2d"]) == 4
