@@ -38,7 +38,6 @@ from protocols.openai.schemas import (
 from protocols.openai.structured import GUIDED_KEYS, structured_output
 from protocols.openai.tool_parsers import parse_tool_calls
 
-
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # negative ones are refused by the engine, naming the id
 

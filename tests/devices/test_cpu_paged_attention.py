@@ -11,6 +11,7 @@ from devices import cpu_paged_attention
 from devices.cpu import CpuPlatform
 from devices.cpu_paged_attention import paged_decode_attention
 from models.attention import AttentionMetadata, paged_attention
+from tests.devices.paged_cases import scattered_tables
 
 TOLERANCE = {torch.float32: (2e-6, 1e-5), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
 
@@ -26,13 +27,7 @@ def test_kernel_matches_the_torch_path(
     assert cpu_paged_attention.available(), "this machine has a C compiler: the kernel must build"
     torch.manual_seed(heads * head_dim)
     lens = [1, 5, block_size, block_size + 1, 97]  # keys per sequence, the new one included
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    order = torch.randperm(num_blocks).tolist()  # scattered blocks, as after churn
-    tables, used = [], 0
-    for n in lens:
-        count = -(-n // block_size)
-        tables.append(order[used : used + count])
-        used += count
+    tables, num_blocks = scattered_tables(lens, block_size)
     shape = (kv_heads, num_blocks * block_size, head_dim)
     k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     q = torch.randn(len(lens), heads, head_dim, dtype=dtype)

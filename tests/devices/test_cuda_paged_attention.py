@@ -14,6 +14,7 @@ import torch
 
 from devices.cuda import CudaPlatform
 from models.attention import AttentionMetadata, paged_attention
+from tests.devices.paged_cases import scattered_tables
 
 TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
 
@@ -52,13 +53,7 @@ def test_kernel_matches_the_torch_path(
     if device.type == "cpu" and dtype != torch.float32:
         pytest.skip("Triton's interpreter gets bf16 products wrong; bf16 needs an NVIDIA GPU")
     torch.manual_seed(heads * head_dim + len(lens))
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    order = torch.randperm(num_blocks).tolist()  # scattered blocks, as after churn
-    tables, used = [], 0
-    for n in lens:
-        count = -(-n // block_size)
-        tables.append(order[used : used + count])
-        used += count
+    tables, num_blocks = scattered_tables(lens, block_size)
     shape = (kv_heads, num_blocks * block_size, head_dim)
     k_cache = torch.randn(shape, dtype=dtype, device=device)
     v_cache = torch.randn(shape, dtype=dtype, device=device)

@@ -17,7 +17,7 @@ from core.cli import parse_args
 from devices import get_platform, platform_names
 from devices.cpu import CpuPlatform
 
-PLUGIN_MODULE = '''
+PLUGIN_MODULE = """
 from devices.cpu import CpuPlatform
 
 
@@ -30,7 +30,7 @@ class DemoPlatform(CpuPlatform):
 
 class NotAPlatform:
     pass
-'''
+"""
 
 
 def install(site: Path, dist: str, entries: dict[str, str]) -> None:

@@ -451,8 +451,7 @@ def test_health_probes_need_no_key(server_with_key: Any, path: str) -> None:
 
 @pytest.fixture(scope="module")
 def trusting_server(tiny_qwen2: Path) -> Iterator[Any]:
-    for eng in _serve(tiny_qwen2, extra=["--trust-request-chat-template"]):
-        yield eng
+    yield from _serve(tiny_qwen2, extra=["--trust-request-chat-template"])
 
 
 def test_trusted_request_chat_template_is_rendered(trusting_server: Any) -> None:
