@@ -317,43 +317,51 @@ def build_app(
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
-        gen = convert.chat_request(body, uuid.uuid4().hex, defaults)
+        rid = uuid.uuid4().hex
+        gens = convert.chat_requests(body, rid, defaults)
         parser = convert.tool_parser_for(
             body, config.enable_auto_tool_choice, config.tool_call_parser
         )
         parallel = body.parallel_tool_calls is not False
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        r = ChatChunks(
-            f"chatcmpl-{gen.request_id}",
-            int(time.time()),
-            model,
-            include_usage,
-            gen.sampling.logprobs,
-            tool_parser=parser,
-            parallel_tool_calls=parallel,
-        )
+        created, top_k = int(time.time()), gens[0].sampling.logprobs
+        renderers: list[ChunkRenderer] = [
+            ChatChunks(
+                f"chatcmpl-{rid}",
+                created,
+                model,
+                include_usage,
+                top_k,
+                index=k,
+                shared=len(gens),
+                tool_parser=parser,
+                parallel_tool_calls=parallel,
+            )
+            for k in range(len(gens))
+        ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
             return convert.chat_response(
-                done[0], r.response_id, r.created, r.model, r.top_k, parser, parallel
+                done, f"chatcmpl-{rid}", created, model, top_k, parser, parallel
             )
 
-        return await generate([gen], request, [r], body.stream, respond)
+        return await generate(gens, request, renderers, body.stream, respond)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
         rid = uuid.uuid4().hex
         gens = convert.completion_requests(body, rid, defaults)
+        n = convert.choices_per_prompt(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created, top_k = int(time.time()), gens[0].sampling.logprobs
         renderers: list[ChunkRenderer] = [
-            CompletionChunks(f"cmpl-{rid}", created, model, include_usage, top_k, index=i)
+            CompletionChunks(f"cmpl-{rid}", created, model, include_usage, top_k, index=i, shared=n)
             for i in range(len(gens))
         ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
-            return convert.completion_response(done, f"cmpl-{rid}", created, model, top_k)
+            return convert.completion_response(done, f"cmpl-{rid}", created, model, top_k, n)
 
         return await generate(gens, request, renderers, body.stream, respond)
 

@@ -95,8 +95,7 @@ def _sampling(
 ) -> SamplingParams:
     """The OpenAI sampling fields as SamplingParams; their values are checked by the engine. A
     field the request leaves unset takes `defaults` (generation_config.json), else vLLM's."""
-    if req.n not in (None, 1):
-        raise OpenAIError("n must be 1: one choice per request is supported", param="n")
+    choices_per_prompt(req)  # refuses a bad n before anything else
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     d = SamplingParams()
 
@@ -128,6 +127,42 @@ def _sampling(
             {name: getattr(req, name) for name in GUIDED_KEYS},
         ),
     )
+
+
+MAX_N = 128  # choices per prompt; each is a request of its own in the engine
+
+
+def choices_per_prompt(req: SamplingFields) -> int:
+    """OpenAI's `n`: how many choices each prompt gets."""
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise OpenAIError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    return n
+
+
+def fan_out(base: list[GenerateRequest], n: int, request_id: str) -> list[GenerateRequest]:
+    """Each request n times: choice k = i * n + j is copy j of request i, with id
+    `{request_id}-{k}` when there is more than one choice. The copies share the prompt's KV
+    blocks through the prefix cache. A seeded request's copy j draws with seed + j, so seeded
+    choices differ from each other (as vLLM's do) and repeat run after run."""
+    total = len(base) * n
+    out = []
+    for i, gen in enumerate(base):
+        for j in range(n):
+            k = i * n + j
+            sampling = replace(gen.sampling)
+            if sampling.seed is not None and j:  # wrapped into signed 64 bits
+                sampling.seed = (sampling.seed + j + 2**63) % 2**64 - 2**63
+            rid = request_id if total == 1 else f"{request_id}-{k}"
+            out.append(replace(gen, request_id=rid, sampling=sampling))
+    return out
+
+
+def chat_requests(
+    req: ChatCompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
+) -> list[GenerateRequest]:
+    """The n choices of a chat request, as requests of their own (see fan_out)."""
+    return fan_out([chat_request(req, request_id, defaults)], choices_per_prompt(req), request_id)
 
 
 def chat_request(
@@ -198,8 +233,8 @@ def tool_parser_for(
 def completion_requests(
     req: CompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
 ) -> list[GenerateRequest]:
-    """One GenerateRequest per prompt: a text, token ids, or a list of either (a batch, whose
-    i-th request has id `{request_id}-{i}` and becomes choice i)."""
+    """n GenerateRequests per prompt: a text, token ids, or a list of either (a batch); prompt
+    i's copy j is choice i * n + j (see fan_out)."""
     if req.echo:
         raise OpenAIError("echo is not supported", param="echo")
     if req.suffix:
@@ -214,15 +249,16 @@ def completion_requests(
     sampling = _sampling(req, req.max_tokens, req.logprobs, defaults or {})
     now = time.time()
     batch = []
-    for i, prompt in enumerate(prompts):
-        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+    for prompt in prompts:
         if isinstance(prompt, str):
-            gen = GenerateRequest(rid, replace(sampling), prompt=prompt, arrival_time=now)
+            gen = GenerateRequest(request_id, replace(sampling), prompt=prompt, arrival_time=now)
         else:
             ids = [int(t) for t in prompt]
-            gen = GenerateRequest(rid, replace(sampling), prompt_token_ids=ids, arrival_time=now)
+            gen = GenerateRequest(
+                request_id, replace(sampling), prompt_token_ids=ids, arrival_time=now
+            )
         batch.append(gen)
-    return batch
+    return fan_out(batch, choices_per_prompt(req), request_id)
 
 
 def tokenize_request(
@@ -314,12 +350,19 @@ def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict[str,
     }
 
 
-def summed_usage(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The usage of several choices (a batch of prompts) together."""
-    total = {k: sum(p[k] for p in parts) for k in ("prompt_tokens", "completion_tokens")}
-    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    cached = sum(p["prompt_tokens_details"]["cached_tokens"] for p in parts)
-    return {**total, "prompt_tokens_details": {"cached_tokens": cached}}
+def summed_usage(parts: list[dict[str, Any]], shared: int = 1) -> dict[str, Any]:
+    """The usage of several choices together; every `shared` consecutive choices answer one
+    prompt (OpenAI's n), which is counted once, as vLLM counts it."""
+    firsts = parts[::shared]
+    prompt = sum(p["prompt_tokens"] for p in firsts)
+    completion = sum(p["completion_tokens"] for p in parts)
+    cached = sum(p["prompt_tokens_details"]["cached_tokens"] for p in firsts)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 @dataclass
@@ -342,7 +385,7 @@ class Collected:
 
 
 def chat_response(
-    c: Collected,
+    done: list[Collected],
     response_id: str,
     created: int,
     model: str,
@@ -350,42 +393,52 @@ def chat_response(
     tool_parser: str | None = None,
     parallel_tool_calls: bool = True,
 ) -> dict[str, Any]:
-    """The chat.completion body; with `tool_parser` the calls in the answer become
-    `message.tool_calls`, `content` the text outside them (null if none), and the finish reason
-    "tool_calls"."""
-    assert c.final is not None
-    message: dict[str, Any] = {"role": "assistant", "content": c.text}
-    finish_reason = c.final.finish_reason
-    if tool_parser is not None:
-        parsed = parse_tool_calls(tool_parser, c.text)
-        if parsed.tool_calls:
-            calls = parsed.tool_calls if parallel_tool_calls else parsed.tool_calls[:1]
-            message["content"] = parsed.content
-            message["tool_calls"] = [call.openai() for call in calls]
-            finish_reason = "tool_calls"
-    return {
-        "id": response_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
+    """The chat.completion body, choice k from done[k] (the n choices share one prompt, counted
+    once in the usage). With `tool_parser` the calls in an answer become `message.tool_calls`,
+    `content` the text outside them (null if none), and the finish reason "tool_calls"."""
+    choices = []
+    for k, c in enumerate(done):
+        assert c.final is not None
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        finish_reason = c.final.finish_reason
+        if tool_parser is not None:
+            parsed = parse_tool_calls(tool_parser, c.text)
+            if parsed.tool_calls:
+                calls = parsed.tool_calls if parallel_tool_calls else parsed.tool_calls[:1]
+                message["content"] = parsed.content
+                message["tool_calls"] = [call.openai() for call in calls]
+                finish_reason = "tool_calls"
+        choices.append(
             {
-                "index": 0,
+                "index": k,
                 "message": message,
                 "logprobs": None if top_k is None else chat_logprobs(c.logprobs, top_k),
                 "finish_reason": finish_reason,
                 "stop_reason": c.final.stop_reason,
             }
-        ],
-        "usage": usage(c.final, len(c.token_ids)),
-        **({"tessera": c.mm_info} if c.mm_info else {}),
+        )
+    usages = [usage(c.final, len(c.token_ids)) for c in done if c.final is not None]
+    mm_info = done[0].mm_info
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": summed_usage(usages, shared=len(done)),
+        **({"tessera": mm_info} if mm_info else {}),
     }
 
 
 def completion_response(
-    done: list[Collected], response_id: str, created: int, model: str, top_k: int | None
+    done: list[Collected],
+    response_id: str,
+    created: int,
+    model: str,
+    top_k: int | None,
+    n: int = 1,
 ) -> dict[str, Any]:
-    """One choice per prompt, choice i for prompt i; usage summed over them."""
+    """Choice k from done[k] (n per prompt); usage summed, each prompt counted once."""
     choices, usages = [], []
     for i, c in enumerate(done):
         assert c.final is not None
@@ -405,7 +458,7 @@ def completion_response(
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": summed_usage(usages),
+        "usage": summed_usage(usages, shared=n),
     }
 
 

@@ -45,6 +45,7 @@ class ChunkRenderer:
     object: str = ""
     completion_tokens: int = 0
     index: int = 0  # the choice this renderer's stream is
+    shared: int = 1  # choices per prompt (OpenAI's n): the usage counts each prompt once
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return chunk(
@@ -83,7 +84,7 @@ class ChunkRenderer:
         """The last chunk, with no choices and the usage of every choice summed (if asked)."""
         if not self.include_usage:
             return []
-        summed = summed_usage(usages)
+        summed = summed_usage(usages, shared=self.shared)
         return [chunk(self.response_id, self.object, self.created, self.model, [], True, summed)]
 
 

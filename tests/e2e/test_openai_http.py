@@ -468,3 +468,40 @@ def test_continue_final_message_goes_on_with_the_assistant_text(server):
             extra_body={"continue_final_message": True},  # add_generation_prompt stays true
         )
     assert "add_generation_prompt" in e.value.message
+
+
+def test_n_choices_share_the_prompt_and_stream_by_index(server):
+    c = client(server)
+    kw: dict[str, Any] = dict(
+        model=server.model,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=6,
+        temperature=1.0,
+        seed=11,
+    )
+    one = c.chat.completions.create(**kw)
+    three = c.chat.completions.create(n=3, **kw)
+    assert [ch.index for ch in three.choices] == [0, 1, 2]
+    assert three.choices[0].message.content == one.choices[0].message.content  # copy 0: seed
+    texts = {ch.message.content for ch in three.choices}
+    assert len(texts) > 1  # seeds 11, 12, 13 draw differently
+    assert one.usage is not None and three.usage is not None
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    assert three.usage.completion_tokens == 3 * 6
+    stream = c.chat.completions.create(
+        n=3, stream=True, stream_options={"include_usage": True}, **kw
+    )
+    parts: dict[int, str] = {0: "", 1: "", 2: ""}
+    usage = None
+    for chunk in stream:
+        for ch in chunk.choices:
+            parts[ch.index] += ch.delta.content or ""
+        usage = chunk.usage or usage
+    assert [parts[i] for i in range(3)] == [ch.message.content for ch in three.choices]
+    assert usage is not None and usage.prompt_tokens == one.usage.prompt_tokens
+    greedy = c.completions.create(
+        model=server.model, prompt=["a", "b"], n=2, max_tokens=4, **GREEDY
+    )
+    texts2 = [ch.text for ch in greedy.choices]
+    assert [ch.index for ch in greedy.choices] == [0, 1, 2, 3]
+    assert texts2[0] == texts2[1] and texts2[2] == texts2[3]  # greedy copies agree

@@ -196,7 +196,7 @@ def test_error_mid_generation_non_stream_is_http_500():
     "body,param",
     [
         ({**CHAT, "temperature": "hot"}, "temperature"),
-        ({**CHAT, "n": 2}, "n"),
+        ({**CHAT, "n": 0}, "n"),
         ({"model": "tiny"}, "messages"),
     ],
 )

@@ -170,11 +170,44 @@ def test_max_completion_tokens_zero_is_not_dropped():
     assert convert.chat_request(chat(max_completion_tokens=0), "r").sampling.max_tokens == 0
 
 
-def test_n_other_than_one_rejected():
+@pytest.mark.parametrize("n", [0, -1, convert.MAX_N + 1])
+def test_n_out_of_range_rejected(n):
     with pytest.raises(OpenAIError) as e:
-        convert.chat_request(chat(n=2), "r")
+        convert.chat_requests(chat(n=n), "r")
     assert e.value.info.param == "n"
-    assert convert.chat_request(chat(n=1), "r").sampling.max_tokens is None
+
+
+def test_n_choices_are_requests_of_their_own_with_distinct_seeds():
+    one = convert.chat_requests(chat(n=1, seed=7), "r")
+    assert [g.request_id for g in one] == ["r"] and one[0].sampling.seed == 7
+    three = convert.chat_requests(chat(n=3, seed=2**63 - 2), "r")
+    assert [g.request_id for g in three] == ["r-0", "r-1", "r-2"]
+    assert [g.sampling.seed for g in three] == [2**63 - 2, 2**63 - 1, -(2**63)]
+    assert all(g.messages == three[0].messages for g in three)
+    unseeded = convert.chat_requests(chat(n=2), "r")
+    assert [g.sampling.seed for g in unseeded] == [None, None]
+
+
+def test_completions_give_n_choices_per_prompt_in_order():
+    req = CompletionRequest(model="m", prompt=["a", "b"], n=2)
+    gens = convert.completion_requests(req, "r")
+    assert [(g.request_id, g.prompt) for g in gens] == [
+        ("r-0", "a"),
+        ("r-1", "a"),
+        ("r-2", "b"),
+        ("r-3", "b"),
+    ]
+
+
+def test_usage_counts_a_shared_prompt_once():
+    part = {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    total = convert.summed_usage([part, part, part, part], shared=2)
+    assert total["prompt_tokens"] == 20 and total["completion_tokens"] == 12
+    assert total["total_tokens"] == 32 and total["prompt_tokens_details"]["cached_tokens"] == 8
 
 
 def test_empty_stop_strings_dropped():
@@ -237,7 +270,7 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
     [
         {"prompt": "x", "echo": True},
         {"prompt": "x", "best_of": 2},
-        {"prompt": "x", "n": 3},
+        {"prompt": "x", "n": 129},
         {"prompt": "x", "suffix": "y"},
     ],
 )
@@ -300,7 +333,7 @@ def test_chat_response_shape():
     c = Collected()
     for out in outputs():
         c.add(out)
-    body = convert.chat_response(c, "chatcmpl-x", 1, "m", top_k=0)
+    body = convert.chat_response([c], "chatcmpl-x", 1, "m", top_k=0)
     assert body["object"] == "chat.completion" and body["model"] == "m"
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "Hello"}
@@ -421,7 +454,7 @@ def test_chat_response_with_tool_calls(parallel: bool):
     c = Collected()
     for out in tool_call_outputs(CALL_TEXT):
         c.add(out)
-    choice = convert.chat_response(c, "x", 1, "m", None, "hermes", parallel)["choices"][0]
+    choice = convert.chat_response([c], "x", 1, "m", None, "hermes", parallel)["choices"][0]
     message = choice["message"]
     assert message["content"] == "Checking." and choice["finish_reason"] == "tool_calls"
     calls = message["tool_calls"]
@@ -430,7 +463,7 @@ def test_chat_response_with_tool_calls(parallel: bool):
         {"city": "Oslo"},
     ][: 2 if parallel else 1]
     assert all(t["id"].startswith("call_") and t["type"] == "function" for t in calls)
-    plain = convert.chat_response(c, "x", 1, "m", None)["choices"][0]
+    plain = convert.chat_response([c], "x", 1, "m", None)["choices"][0]
     assert plain["message"] == {"role": "assistant", "content": CALL_TEXT}  # tool_choice none
     assert plain["finish_reason"] == "stop"
 
