@@ -6,6 +6,8 @@ set by the supervisor); the HTTP adapter's /metrics collects them all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
@@ -79,3 +81,125 @@ step_gap_time = Histogram(
     "Executor idle time between two model steps while the engine had work",
     buckets=STEP_BUCKETS,
 )
+
+
+# ---- vLLM's names, with a model_name label, so vLLM's dashboards, alerts and autoscalers work
+# unmodified (same meaning as vLLM V1's: token counters count every prompt token of a request,
+# cached or not; latencies per request). Written by the scheduler through the functions below.
+
+_MODEL = ["model_name"]
+REQUEST_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+vllm_running = Gauge(
+    "vllm:num_requests_running",
+    "Requests in the running batch",
+    _MODEL,
+    multiprocess_mode="mostrecent",
+)
+vllm_waiting = Gauge(
+    "vllm:num_requests_waiting", "Requests waiting", _MODEL, multiprocess_mode="mostrecent"
+)
+vllm_kv_usage = Gauge(
+    "vllm:kv_cache_usage_perc", "KV-cache usage (0-1)", _MODEL, multiprocess_mode="mostrecent"
+)
+vllm_prefix_queries = Counter(
+    "vllm:prefix_cache_queries", "Prefix-cache queries, in tokens", _MODEL
+)
+vllm_prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix-cache hits, in tokens", _MODEL)
+vllm_preemptions = Counter("vllm:num_preemptions", "Cumulative preemptions", _MODEL)
+vllm_prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of finished requests", _MODEL)
+vllm_generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", _MODEL)
+vllm_success = Counter("vllm:request_success", "Finished requests", [*_MODEL, "finished_reason"])
+
+
+def _latency(name: str, doc: str) -> Histogram:
+    return Histogram(f"vllm:{name}", doc, _MODEL, buckets=LATENCY_BUCKETS)
+
+
+vllm_ttft = _latency("time_to_first_token_seconds", "Arrival to first token")
+vllm_tpot = _latency("time_per_output_token_seconds", "Mean time per output token, per request")
+vllm_itl = _latency("inter_token_latency_seconds", "Time between two tokens of a request")
+vllm_e2e = _latency("e2e_request_latency_seconds", "Arrival to finish")
+vllm_queue = _latency("request_queue_time_seconds", "Waiting before first scheduled")
+vllm_prefill = _latency("request_prefill_time_seconds", "First scheduled to first token")
+vllm_decode = _latency("request_decode_time_seconds", "First token to finish")
+vllm_inference = _latency("request_inference_time_seconds", "First scheduled to finish")
+vllm_request_prompt = Histogram(
+    "vllm:request_prompt_tokens", "Prompt tokens per request", _MODEL, buckets=REQUEST_TOKEN_BUCKETS
+)
+vllm_request_generation = Histogram(
+    "vllm:request_generation_tokens",
+    "Generated tokens per request",
+    _MODEL,
+    buckets=REQUEST_TOKEN_BUCKETS,
+)
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the scheduler knows of a request when it ends (times from time.time())."""
+
+    reason: str
+    arrival: float
+    queued: float
+    scheduled: float | None
+    first_token: float | None
+    finished: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def record_finished(model: str, r: FinishedRequest) -> None:
+    """One ended request, in Tessera's and vLLM's figures."""
+    requests_finished.labels(r.reason).inc()
+    e2e_latency.observe(r.finished - r.arrival)
+    vllm_success.labels(model, r.reason).inc()
+    vllm_e2e.labels(model).observe(r.finished - r.arrival)
+    vllm_prompt_tokens.labels(model).inc(r.prompt_tokens)
+    vllm_request_prompt.labels(model).observe(r.prompt_tokens)
+    vllm_request_generation.labels(model).observe(r.output_tokens)
+    if r.first_token is not None:
+        ttft.observe(r.first_token - r.arrival)
+        vllm_ttft.labels(model).observe(r.first_token - r.arrival)
+        vllm_decode.labels(model).observe(r.finished - r.first_token)
+        if r.output_tokens > 1:
+            per_token = (r.finished - r.first_token) / (r.output_tokens - 1)
+            tpot.observe(per_token)
+            vllm_tpot.labels(model).observe(per_token)
+    if r.scheduled is not None:
+        stage_latency.labels("scheduler_queue").observe(r.scheduled - r.queued)
+        stage_latency.labels("executor").observe(r.finished - r.scheduled)
+        vllm_queue.labels(model).observe(r.scheduled - r.arrival)
+        vllm_inference.labels(model).observe(r.finished - r.scheduled)
+        if r.first_token is not None:
+            vllm_prefill.labels(model).observe(r.first_token - r.scheduled)
+
+
+def record_counts(model: str, added: dict[str, int]) -> None:
+    """Counter increments since the last call: prompt (computed), gen, preempt, queries, hits."""
+    pairs = {
+        "prompt": (prompt_tokens, None),
+        "gen": (generation_tokens, vllm_generation_tokens),
+        "preempt": (preemptions, vllm_preemptions),
+        "queries": (prefix_cache_queries, vllm_prefix_queries),
+        "hits": (prefix_cache_hits, vllm_prefix_hits),
+    }
+    for key, amount in added.items():
+        if amount > 0:
+            ours, theirs = pairs[key]
+            ours.inc(amount)
+            if theirs is not None:
+                theirs.labels(model).inc(amount)
+
+
+def record_gauges(model: str, running: int, waiting: int, kv_usage: float, hit_rate: float) -> None:
+    requests_running.set(running)
+    requests_waiting.set(waiting)
+    kv_cache_usage.set(kv_usage)
+    prefix_cache_hit_rate.set(hit_rate)
+    vllm_running.labels(model).set(running)
+    vllm_waiting.labels(model).set(waiting)
+    vllm_kv_usage.labels(model).set(kv_usage)
+
+
+def record_token_gap(model: str, seconds: float) -> None:
+    vllm_itl.labels(model).observe(seconds)

@@ -120,7 +120,12 @@ class SchedulerActor(Stage):
             metrics.step_gap_time.observe(gap)
         update = self.planner.apply(result)
         batches: dict[int, list[tuple[RequestState, TokenDelta]]] = {}
+        now, model = time.time(), self.config.model_names[0]
         for state, delta in update.deltas:
+            if delta.token_ids:
+                if state.last_token_time is not None:
+                    metrics.record_token_gap(model, now - state.last_token_time)
+                state.last_token_time = now
             batches.setdefault(owner(state.request_id, len(self.detoks)), []).append((state, delta))
         for idx, pairs in batches.items():
             # A request aborted while an earlier batch was sent has had its stream closed: its
@@ -136,25 +141,28 @@ class SchedulerActor(Stage):
         self._record(update.finished)
 
     def _record(self, finished: list[Finished]) -> None:
-        """Prometheus figures: latencies of finished requests, counters, gauges."""
+        """Prometheus figures (actors/metrics.py): finished requests, counters, gauges."""
         now = time.time()
+        model = self.config.model_names[0]
         for fin in finished:
             r = fin.state
             n_out = len(r.output_token_ids)
             self.log.debug(
                 "request finished", request_id=r.request_id, reason=fin.reason, tokens=n_out
             )
-            metrics.requests_finished.labels(fin.reason).inc()
-            metrics.e2e_latency.observe(now - r.arrival_time)
-            if r.first_token_time is not None:
-                metrics.ttft.observe(r.first_token_time - r.arrival_time)
-                if n_out > 1:
-                    metrics.tpot.observe((now - r.first_token_time) / (n_out - 1))
-            if r.scheduled_time is not None:
-                metrics.stage_latency.labels("scheduler_queue").observe(
-                    r.scheduled_time - r.queued_time
-                )
-                metrics.stage_latency.labels("executor").observe(now - r.scheduled_time)
+            metrics.record_finished(
+                model,
+                metrics.FinishedRequest(
+                    reason=fin.reason,
+                    arrival=r.arrival_time,
+                    queued=r.queued_time,
+                    scheduled=r.scheduled_time,
+                    first_token=r.first_token_time,
+                    finished=now,
+                    prompt_tokens=len(r.request.prompt_token_ids),
+                    output_tokens=n_out,
+                ),
+            )
         s, pool = self.planner.stats, self.pool
         seen = {
             "prompt": s.prompt_tokens,
@@ -163,20 +171,15 @@ class SchedulerActor(Stage):
             "queries": pool.queries,
             "hits": pool.hits,
         }
-        for key, counter in (
-            ("prompt", metrics.prompt_tokens),
-            ("gen", metrics.generation_tokens),
-            ("preempt", metrics.preemptions),
-            ("queries", metrics.prefix_cache_queries),
-            ("hits", metrics.prefix_cache_hits),
-        ):
-            if seen[key] > self._seen[key]:
-                counter.inc(seen[key] - self._seen[key])
+        metrics.record_counts(model, {k: seen[k] - self._seen[k] for k in seen})
         self._seen = seen
-        metrics.requests_running.set(len(self.planner.running))
-        metrics.requests_waiting.set(len(self.planner.waiting))
-        metrics.kv_cache_usage.set(pool.usage)
-        metrics.prefix_cache_hit_rate.set(pool.hit_rate)
+        metrics.record_gauges(
+            model,
+            len(self.planner.running),
+            len(self.planner.waiting),
+            pool.usage,
+            pool.hit_rate,
+        )
 
     async def _stats_loop(self) -> None:
         """The periodic log line: throughput, batch, KV usage, prefix-cache hit rate, and the

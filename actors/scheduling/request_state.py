@@ -24,6 +24,7 @@ class RequestState:
     queued_time: float = field(default_factory=time.time)  # reached the scheduler
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None  # for the inter-token latency figure
 
     @property
     def request_id(self) -> str:

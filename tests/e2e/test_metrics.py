@@ -70,3 +70,40 @@ def test_disconnected_stream_frees_its_kv_blocks(server) -> None:
     generated_after = m["tessera_generation_tokens_total"]
     time.sleep(0.5)
     assert scrape(root)["tessera_generation_tokens_total"] == generated_after  # it stopped
+
+
+def test_vllm_named_metrics_carry_the_model_name(server) -> None:
+    """vLLM's dashboard and autoscaler names, labelled with the served model name."""
+    for _ in range(2):
+        r = httpx.post(
+            server.base_url + "/completions",
+            timeout=60,
+            json={
+                "model": server.model,
+                "prompt": "Hello there",
+                "max_tokens": 3,
+                "temperature": 0,
+            },
+        )
+        assert r.status_code == 200
+    time.sleep(0.5)
+    m = scrape(server.base_url.removesuffix("/v1"))
+    name = server.model  # the first served name, as vLLM labels
+    label = f'{{model_name="{name}"}}'
+    assert m["vllm:num_requests_running" + label] == 0
+    assert m["vllm:num_requests_waiting" + label] == 0
+    assert m["vllm:kv_cache_usage_perc" + label] == 0.0
+    assert m["vllm:generation_tokens_total" + label] >= 6
+    assert m["vllm:prompt_tokens_total" + label] >= 2 * r.json()["usage"]["prompt_tokens"]
+    assert m[f'vllm:request_success_total{{finished_reason="length",model_name="{name}"}}'] >= 2
+    for hist in (
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "inter_token_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "request_prompt_tokens",
+        "request_generation_tokens",
+    ):
+        assert m[f"vllm:{hist}_count" + label] >= 2, hist
