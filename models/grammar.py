@@ -4,7 +4,8 @@ sampler which tokens may come next.
 
 The tokenizer stage calls `check` (a bad schema is the client's 400); the executor's model
 runner keeps a `Constraint` per constrained request, asks it for the allowed tokens before each
-sample and feeds it the token drawn. llguidance (https://github.com/guidance-ai/llguidance) is
+sample and feeds it the token drawn; the next mask is then computed on a worker thread while
+the next forward runs. llguidance (https://github.com/guidance-ai/llguidance) is
 the engine: it builds masks lazily from the tokenizer's byte trie, so a mask costs ~tens of
 microseconds, and it has no dependencies of its own.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -82,6 +84,11 @@ def _validate(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[bool, li
     return True, list(messages), ""
 
 
+# Masks are computed here while the executor's main thread runs the next forward: llguidance
+# releases the GIL while it works, so the mask is usually ready when the sampler asks.
+_MASKER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
+
+
 class Constraint:
     """One request's matcher: the tokens allowed next, and the tokens drawn so far."""
 
@@ -90,19 +97,23 @@ class Constraint:
         if self.matcher.is_error():
             raise ValueError(f"structured output: {self.matcher.get_error()}")
         self.tokenizer_vocab = tokenizer.vocab_size
+        self._next: Future[bytes] = _MASKER.submit(self.matcher.compute_bitmask)
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """Bool [vocab_size]: True where a token may come next (ids past the tokenizer's
         vocabulary never may)."""
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        bits = np.frombuffer(self._next.result(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[: min(vocab_size, self.tokenizer_vocab)]
         out = torch.zeros(vocab_size, dtype=torch.bool)
         out[: mask.shape[0]] = torch.from_numpy(mask.astype(np.bool_))
         return out
 
     def accept(self, token_id: int) -> None:
-        """Advance past a drawn token (always one `allowed` gave, so never an error)."""
+        """Advance past a drawn token (always one `allowed` gave, so never an error), and start
+        computing the next mask."""
+        self._next.result()  # the matcher is not shared between threads
         self.matcher.consume_token(token_id)
+        self._next = _MASKER.submit(self.matcher.compute_bitmask)
 
     @property
     def finished(self) -> bool:
