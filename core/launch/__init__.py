@@ -14,6 +14,7 @@ from core.cli import parse_args
 from core.config import EngineConfig
 from core.launch.addresses import make_addresses
 from core.launch.default_model import resolve_model
+from core.launch.preflight import check_model_files, check_port
 from core.launch.topology import topology
 from core.supervisor import EngineFailed, Supervisor, prepare_run_dir
 
@@ -26,6 +27,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 
 def run(config: EngineConfig) -> int:
     resolve_model(config)
+    check_model_files(config)
+    check_port(config)
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
     owns_run_dir = prepare_run_dir(config)
