@@ -333,6 +333,14 @@ def check_sampling(sp: SamplingParams, vocab_size: int, max_logprobs: int = MAX_
             f"--max-logprobs), got {sp.logprobs!r}",
             param="logprobs",
         )
+    if sp.prompt_logprobs is not None and (
+        not _is_int(sp.prompt_logprobs) or not 0 <= sp.prompt_logprobs <= top
+    ):
+        raise RequestInvalid(
+            f"prompt_logprobs must be in [0, {top}] (the server's --max-logprobs), "
+            f"got {sp.prompt_logprobs!r}",
+            param="prompt_logprobs",
+        )
     if sp.seed is not None and (not _is_int(sp.seed) or not INT64_MIN <= sp.seed <= INT64_MAX):
         raise RequestInvalid(
             f"seed must be an integer in [{INT64_MIN}, {INT64_MAX}], got {sp.seed!r}", param="seed"

@@ -135,7 +135,20 @@ class Streams:
             completion_tokens=st.completion_tokens,
             cached_tokens=d.cached_tokens,
             mm_info=mm_info,
+            **self._prompt_fields(d),
         )
+
+    def _prompt_fields(self, d: TokenDelta) -> dict[str, Any]:
+        """RequestOutput's prompt_logprobs (None first, as vLLM), prompt_token_ids and
+        prompt_token_strs, from a delta that carries prompt logprobs; {} otherwise."""
+        if d.prompt_logprobs is None or d.prompt_token_ids is None:
+            return {}
+        named = self._name_logprobs(d.prompt_logprobs) or []
+        return {
+            "prompt_logprobs": [None, *named],
+            "prompt_token_ids": d.prompt_token_ids,
+            "prompt_token_strs": [self._token_text(t) for t in d.prompt_token_ids],
+        }
 
     def _remember_stopped(self, rid: str) -> None:
         self.stopped[rid] = None

@@ -94,6 +94,7 @@ class ExecutorActor(Stage):
                 # plan, already on its way, may still name them.
                 self.log.exception("step failed", step_id=plan.step_id)
                 sampled, error = [], f"{type(exc).__name__}: {exc}"
+            prompt_logprobs = self.runner.take_prompt_logprobs()
             if self.governor is not None and plan.sequences:
                 threads = self.governor.sample(own_threads_busy=self.governor.threads)
                 if threads is not None:
@@ -101,7 +102,9 @@ class ExecutorActor(Stage):
                     self.log.info("compute threads changed", threads=threads)
             if self.results is not None and plan.sequences:
                 elapsed = time.perf_counter() - t0
-                result = StepResult(plan.step_id, sampled, elapsed, error, started_s=t0)
+                result = StepResult(
+                    plan.step_id, sampled, elapsed, error, t0, prompt_logprobs if not error else []
+                )
                 await self.results.send(result)
 
     async def _take_pixels(self, plan: StepPlan) -> None:

@@ -161,6 +161,10 @@ class AsyncEngineClient:
             )
             merged.cached_tokens = out.cached_tokens
             merged.mm_info = merged.mm_info or out.mm_info
+            if out.prompt_logprobs is not None:
+                merged.prompt_logprobs = out.prompt_logprobs
+                merged.prompt_token_ids = out.prompt_token_ids
+                merged.prompt_token_strs = out.prompt_token_strs
         return merged
 
     def close(self) -> None:

@@ -42,6 +42,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # None: off; k >= 0: sampled token plus k alternatives
+    # None: off; k >= 0: each prompt token's logprob plus k alternatives (vLLM's name). Such a
+    # request reads no prefix-cache blocks, so every prompt position is computed.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
     structured: StructuredOutput | None = None  # the output must follow this (models/grammar.py)
@@ -181,6 +184,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     token: str = ""
+    rank: int | None = None  # 1: the likeliest token; None: not computed (sampled tokens)
 
 
 @dataclass
@@ -206,6 +210,12 @@ class RequestOutput:
     cached_tokens: int = 0
     error: ErrorInfo | None = None
     mm_info: dict[str, Any] | None = None  # {"images": [{"original_size", "resized_size"}]}
+    # With SamplingParams.prompt_logprobs, on the first increment only: entry i is prompt token
+    # i's (None for the first, which nothing predicts, as vLLM), the prompt's ids, and the name
+    # of each prompt token (what `echo` lists as its tokens).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_token_strs: list[str] | None = None
 
 
 @wire("outputs")
@@ -367,6 +377,16 @@ class SampledToken:
     logprobs: PositionLogprobs | None = None
 
 
+@dataclass
+class PromptLogprobs:
+    """Logprobs of a run of one request's prompt tokens, computed by one step: positions[i]
+    is prompt token start + i's (`sampled` is that token), read at position start + i - 1."""
+
+    request_id: str
+    start: int  # >= 1: the first prompt token has none
+    positions: list[PositionLogprobs]
+
+
 @wire("step_result")
 @dataclass
 class StepResult(Record):
@@ -375,6 +395,7 @@ class StepResult(Record):
     elapsed_s: float = 0.0
     error: str | None = None  # the step raised: its requests fail, the engine carries on
     started_s: float = 0.0  # executor's time.perf_counter() as the forward began (0: unknown)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # filled by rank 0
 
 
 @dataclass
@@ -388,6 +409,10 @@ class TokenDelta:
     stop_reason: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs, on the request's first delta: prompt tokens 1..n-1's
+    # logprobs in order, and the prompt's ids (the detokenizer names them).
+    prompt_logprobs: list[PositionLogprobs] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @wire("token_batch")

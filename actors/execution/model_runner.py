@@ -27,10 +27,13 @@ from protocols.messages import (
     ImagePixels,
     ImageRef,
     PositionLogprobs,
+    PromptLogprobs,
     SampledToken,
     StepPlan,
     TokenLogprob,
 )
+
+PROMPT_LOGPROB_ROWS = 512  # prompt rows per log-softmax over the vocabulary (bounds fp32 memory)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,6 +96,7 @@ class ModelRunner:
             )
         self.tokenizer = tokenizer  # where structured outputs read the vocabulary from
         self.requests: dict[str, SequenceState] = {}
+        self.prompt_logprobs: list[PromptLogprobs] = []  # since the last take_prompt_logprobs
         self.pixels = PixelStore()
         self.encoder_cache = EncoderCache()
 
@@ -252,6 +256,7 @@ class ModelRunner:
                 [s.block_table for s in seqs],
                 [s.start_pos + 1 for s in seqs],
             )
+            self._score_prompts(plan, states, hidden)
             return self._sample(plan, states, hidden), hidden
         positions = self._positions(plan, states)
         dev = self.device
@@ -271,7 +276,63 @@ class ModelRunner:
             self.kv,
             inputs_embeds=self._embeds_with_images(spans, input_ids),
         )
+        self._score_prompts(plan, states, hidden)
         return self._sample(plan, states, hidden), hidden
+
+    def take_prompt_logprobs(self) -> list[PromptLogprobs]:
+        """The prompt logprobs computed since the last call (the executor sends them)."""
+        out, self.prompt_logprobs = self.prompt_logprobs, []
+        return out
+
+    def _score_prompts(
+        self, plan: StepPlan, states: list[SequenceState], hidden: torch.Tensor
+    ) -> None:
+        """For each sequence whose request asked prompt_logprobs: the logprob (fp32 log-softmax)
+        of prompt token p + 1 read at each prompt position p the step ran, with its rank and the
+        top k. A position is scored once: a recompute after a preemption skips those done."""
+        row = 0
+        for s, state in zip(plan.sequences, states, strict=True):
+            k = state.sampling.prompt_logprobs
+            if k is None:  # the common case: nothing to score
+                row += s.num_tokens
+                continue
+            first, end = s.start_pos, s.start_pos + s.num_tokens
+            lo = max(first, state.prompt_logprobs_upto - 1)
+            hi = min(end, len(state.prompt_token_ids) - 1)
+            if lo < hi:
+                state.prompt_logprobs_upto = hi + 1
+                positions = []
+                for at in range(lo, hi, PROMPT_LOGPROB_ROWS):
+                    upto = min(at + PROMPT_LOGPROB_ROWS, hi)
+                    rows = hidden[row + at - first : row + upto - first]
+                    targets = state.prompt_token_ids[at + 1 : upto + 1]
+                    positions += self._prompt_positions(rows, targets, k)
+                self.prompt_logprobs.append(PromptLogprobs(state.request_id, lo + 1, positions))
+            row += s.num_tokens
+
+    def _prompt_positions(
+        self, rows: torch.Tensor, targets: list[int], k: int
+    ) -> list[PositionLogprobs]:
+        logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
+        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+        chosen = logprobs.gather(1, index)
+        ranks = (logprobs > chosen).sum(dim=1) + 1
+        chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
+        top_v: list[list[float]] = [[] for _ in targets]
+        top_i: list[list[int]] = [[] for _ in targets]
+        if k > 0:
+            values, ids = logprobs.topk(k, dim=-1)
+            top_v, top_i = values.tolist(), ids.tolist()
+        return [
+            PositionLogprobs(
+                TokenLogprob(t, chosen_l[i], rank=ranks_l[i]),
+                [
+                    TokenLogprob(tid, v, rank=r + 1)
+                    for r, (tid, v) in enumerate(zip(top_i[i], top_v[i]))
+                ],
+            )
+            for i, t in enumerate(targets)
+        ]
 
     def _sample(
         self, plan: StepPlan, states: list[SequenceState], hidden: torch.Tensor

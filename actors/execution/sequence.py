@@ -23,6 +23,7 @@ class SequenceState:
     mrope_delta: int = 0  # a generated token at index i has M-RoPE position i + delta
     output_token_ids: list[int] = field(default_factory=list)
     constraint: Constraint | None = None  # structured output: the tokens allowed next
+    prompt_logprobs_upto: int = 1  # prompt tokens [1, upto) have had their logprobs computed
 
     @property
     def request_id(self) -> str:

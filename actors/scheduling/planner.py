@@ -223,7 +223,10 @@ class Planner:
         self.waiting.appendleft(state)
 
     def _reuse_prefix(self, state: RequestState) -> None:
-        """Take cached blocks for the longest hashed prefix; one token is always left to run."""
+        """Take cached blocks for the longest hashed prefix; one token is always left to run.
+        A request that asked prompt_logprobs takes none: each prompt position must run."""
+        if state.prompt_logprobs is not None:
+            return
         bs = self.pool.block_size
         full = (state.num_tokens - 1) // bs
         parent = None
@@ -269,6 +272,10 @@ class Planner:
         if step.step_id != result.step_id:
             raise RuntimeError(f"result of step {result.step_id}, expected {step.step_id}")
         out = Update()
+        for part in result.prompt_logprobs:
+            owner = self.requests.get(part.request_id)
+            if owner is not None:
+                owner.add_prompt_logprobs(part)
         tokens = {s.request_id: s for s in result.sampled}
         now = time.time()
         for p in step.planned:
@@ -301,6 +308,9 @@ class Planner:
                 prompt_tokens=state.num_prompt_tokens,
                 cached_tokens=state.num_cached_tokens,
             )
+            if state.prompt_logprobs is not None:  # the first delta carries them, once
+                delta.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
+                delta.prompt_token_ids = list(state.request.prompt_token_ids)
             out.deltas.append((state, delta))
             if reason is not None:
                 self._end(state, out, reason, stop_reason)

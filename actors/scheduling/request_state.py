@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from protocols.messages import EngineRequest
+from protocols.messages import EngineRequest, PositionLogprobs, PromptLogprobs
 
 
 @dataclass(eq=False)  # identity: found in and removed from the queues by object
@@ -25,6 +25,13 @@ class RequestState:
     scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None  # for the inter-token latency figure
+    # prompt_logprobs asked: prompt tokens 1.. in order as steps report them; sent, with the
+    # prompt's ids, on the first delta (None after)
+    prompt_logprobs: list[PositionLogprobs] | None = None
+
+    def __post_init__(self) -> None:
+        if self.request.sampling.prompt_logprobs is not None:
+            self.prompt_logprobs = []
 
     @property
     def request_id(self) -> str:
@@ -48,6 +55,19 @@ class RequestState:
         if end <= len(prompt):
             return prompt[start:end]
         return (prompt + self.output_token_ids)[start:end]
+
+    def add_prompt_logprobs(self, part: PromptLogprobs) -> None:
+        """Keep a step's prompt logprobs; positions already held (a recompute) are skipped."""
+        held = self.prompt_logprobs
+        if held is None:
+            return
+        skip = len(held) + 1 - part.start  # prompt token 1 is held[0]
+        if skip < 0:
+            raise RuntimeError(
+                f"request {self.request_id}: prompt logprobs from token {part.start}, "
+                f"expected {len(held) + 1}"
+            )
+        held.extend(part.positions[skip:])
 
     def image_keys(self, start: int, end: int) -> list[str]:
         """Content hashes of the images whose placeholder tokens overlap [start, end)."""

@@ -36,7 +36,7 @@ from protocols.messages import (
     TokenizeRequest,
 )
 from protocols.openai import convert
-from protocols.openai.convert import Collected, OpenAIError, error_body
+from protocols.openai.convert import Collected, Echo, OpenAIError, error_body
 from protocols.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -355,15 +355,48 @@ def build_app(
         n = convert.choices_per_prompt(body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created, top_k = int(time.time()), gens[0].sampling.logprobs
+        echoes = await echo_of(body, gens)
         renderers: list[ChunkRenderer] = [
-            CompletionChunks(f"cmpl-{rid}", created, model, include_usage, top_k, index=i, shared=n)
+            CompletionChunks(
+                f"cmpl-{rid}",
+                created,
+                model,
+                include_usage,
+                top_k,
+                index=i,
+                shared=n,
+                echo=echoes[i] if echoes else None,
+            )
             for i in range(len(gens))
         ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
-            return convert.completion_response(done, f"cmpl-{rid}", created, model, top_k, n)
+            return convert.completion_response(
+                done, f"cmpl-{rid}", created, model, top_k, n, echoes
+            )
 
         return await generate(gens, request, renderers, body.stream, respond)
+
+    async def echo_of(body: CompletionRequest, gens: list[GenerateRequest]) -> list[Echo] | None:
+        """Each choice's Echo (None when the request neither echoes nor asks prompt_logprobs):
+        a text prompt echoes as sent, token ids as the tokenizer stage decodes them."""
+        if not body.echo and body.prompt_logprobs is None:
+            return None
+        texts: dict[tuple[int, ...], str] = {}
+        echoes = []
+        for gen in gens:
+            text = None
+            if body.echo:
+                text = gen.prompt
+                if text is None:
+                    ids = tuple(gen.prompt_token_ids or [])
+                    if ids not in texts:
+                        record = DetokenizeRequest("detok-" + uuid.uuid4().hex, list(ids))
+                        texts[ids] = (await tokenizer_reply(record)).text
+                    text = texts[ids]
+            top_k = gen.sampling.logprobs if body.echo else None
+            echoes.append(Echo(text, top_k, body.prompt_logprobs))
+        return echoes
 
     def model_card(name: str, facts: EngineFacts | None) -> dict[str, Any]:
         return {

@@ -168,6 +168,12 @@ def chat_requests(
 def chat_request(
     req: ChatCompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
 ) -> GenerateRequest:
+    if req.echo:
+        raise OpenAIError(
+            "echo is not supported on chat completions; use /v1/completions with the rendered "
+            "prompt (echo there returns the prompt's text and, with logprobs, its tokens)",
+            param="echo",
+        )
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(
             "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs"
@@ -235,8 +241,6 @@ def completion_requests(
 ) -> list[GenerateRequest]:
     """n GenerateRequests per prompt: a text, token ids, or a list of either (a batch); prompt
     i's copy j is choice i * n + j (see fan_out)."""
-    if req.echo:
-        raise OpenAIError("echo is not supported", param="echo")
     if req.suffix:
         raise OpenAIError("suffix is not supported", param="suffix")
     if req.best_of not in (None, 1):
@@ -247,6 +251,7 @@ def completion_requests(
     else:
         prompts = [cast("str | list[int]", req.prompt)]
     sampling = _sampling(req, req.max_tokens, req.logprobs, defaults or {})
+    sampling.prompt_logprobs = prompt_top_k(req)
     now = time.time()
     batch = []
     for prompt in prompts:
@@ -259,6 +264,16 @@ def completion_requests(
             )
         batch.append(gen)
     return fan_out(batch, choices_per_prompt(req), request_id)
+
+
+def prompt_top_k(req: CompletionRequest) -> int | None:
+    """How many alternatives the engine computes at each prompt token: vLLM's
+    `prompt_logprobs`, and `logprobs` when `echo` lists the prompt's tokens; None: none."""
+    asked = [req.prompt_logprobs]
+    if req.echo:
+        asked.append(req.logprobs)
+    ks = [k for k in asked if k is not None]
+    return max(ks) if ks else None
 
 
 def tokenize_request(
@@ -340,6 +355,84 @@ def completion_logprobs(
     }
 
 
+def echo_logprobs(
+    strs: list[str], prompt: list[PositionLogprobs | None], top_k: int
+) -> dict[str, Any]:
+    """The prompt's part of an echoed completion's logprobs: every prompt token, the first
+    one's logprob and alternatives null (nothing predicts it), offsets from 0."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+    offset = 0
+    for token, pos in zip(strs, prompt, strict=True):
+        tokens.append(token)
+        text_offset.append(offset)
+        offset += len(token)
+        if pos is None:
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        token_logprobs.append(_lp(pos.sampled.logprob))
+        alternatives = {t.token: _lp(t.logprob) for t in pos.top[:top_k]}
+        alternatives.setdefault(pos.sampled.token, _lp(pos.sampled.logprob))
+        top.append(alternatives)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    }
+
+
+def joined_logprobs(head: dict[str, Any] | None, tail: dict[str, Any] | None) -> dict[str, Any]:
+    """Two legacy logprobs objects as one (the echoed prompt's, then the answer's)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: (head or {}).get(k, []) + (tail or {}).get(k, []) for k in keys}
+
+
+def vllm_prompt_logprobs(
+    prompt: list[PositionLogprobs | None], top_k: int
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` choice field: per prompt token null (the first) or
+    {token id: {logprob, rank, decoded_token}} for the token itself and the top `top_k`."""
+    out: list[dict[str, Any] | None] = []
+    for pos in prompt:
+        if pos is None:
+            out.append(None)
+            continue
+        entry = {}
+        for t in [pos.sampled, *pos.top[:top_k]]:
+            entry[str(t.token_id)] = {
+                "logprob": _lp(t.logprob),
+                "rank": t.rank,
+                "decoded_token": t.token,
+            }
+        out.append(entry)
+    return out
+
+
+@dataclass
+class Echo:
+    """What an echoed completion choice puts before its answer: the prompt's text, its
+    tokens' logprobs when `logprobs` is set (top_k), vLLM's `prompt_logprobs` when asked."""
+
+    text: str | None  # None: no echo (only vLLM's prompt_logprobs field)
+    top_k: int | None = None
+    prompt_top_k: int | None = None
+
+    def fields(self, out: RequestOutput | Collected) -> dict[str, Any]:
+        """The choice's echoed logprobs head (key "head") and its prompt_logprobs field."""
+        prompt = out.prompt_logprobs or []
+        head = None
+        if self.text is not None and self.top_k is not None:
+            head = echo_logprobs(out.prompt_token_strs or [], prompt, self.top_k)
+        result: dict[str, Any] = {"head": head}
+        if self.prompt_top_k is not None:
+            result["prompt_logprobs"] = vllm_prompt_logprobs(prompt, self.prompt_top_k)
+        return result
+
+
 def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict[str, Any]:
     done = out.completion_tokens or (completion_tokens or 0)
     return {
@@ -374,9 +467,14 @@ class Collected:
     logprobs: list[PositionLogprobs] = field(default_factory=list)
     final: RequestOutput | None = None
     mm_info: dict[str, Any] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_token_strs: list[str] | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.mm_info = self.mm_info or out.mm_info
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_token_strs = out.prompt_token_strs
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
@@ -437,20 +535,32 @@ def completion_response(
     model: str,
     top_k: int | None,
     n: int = 1,
+    echoes: list[Echo] | None = None,
 ) -> dict[str, Any]:
-    """Choice k from done[k] (n per prompt); usage summed, each prompt counted once."""
+    """Choice k from done[k] (n per prompt); usage summed, each prompt counted once. With
+    echoes[k], the choice's prompt comes first (text and logprobs; see Echo)."""
     choices, usages = [], []
     for i, c in enumerate(done):
         assert c.final is not None
-        choices.append(
-            {
-                "index": i,
-                "text": c.text,
-                "logprobs": None if top_k is None else completion_logprobs(c.logprobs, top_k),
-                "finish_reason": c.final.finish_reason,
-                "stop_reason": c.final.stop_reason,
-            }
-        )
+        echo = echoes[i] if echoes else None
+        prefix = (echo.text or "") if echo else ""
+        logprobs = None
+        if top_k is not None:
+            logprobs = completion_logprobs(c.logprobs, top_k, len(prefix))
+        choice = {
+            "index": i,
+            "text": prefix + c.text,
+            "logprobs": logprobs,
+            "finish_reason": c.final.finish_reason,
+            "stop_reason": c.final.stop_reason,
+        }
+        if echo is not None:
+            extra = echo.fields(c)
+            if extra["head"] is not None:
+                choice["logprobs"] = joined_logprobs(extra["head"], logprobs)
+            if "prompt_logprobs" in extra:
+                choice["prompt_logprobs"] = extra["prompt_logprobs"]
+        choices.append(choice)
         usages.append(usage(c.final, len(c.token_ids)))
     return {
         "id": response_id,

@@ -144,13 +144,15 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None  # [{"type": "function", "function": {...}}]
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a named tool
     parallel_tool_calls: bool | None = None  # false: only the first call is returned
+    echo: bool = False  # vLLM's (the last message's text before the answer): refused
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt's text (and, with logprobs, its tokens) before the answer
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob plus k others
     suffix: str | None = None
     best_of: int | None = None
 

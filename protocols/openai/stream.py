@@ -17,10 +17,12 @@ import orjson
 
 from protocols.messages import ErrorInfo, RequestOutput
 from protocols.openai.convert import (
+    Echo,
     chat_logprobs,
     chunk,
     completion_logprobs,
     error_body,
+    joined_logprobs,
     summed_usage,
     usage,
 )
@@ -61,7 +63,8 @@ class ChunkRenderer:
 
     def render(self, out: RequestOutput) -> list[dict[str, Any]]:
         self.completion_tokens += len(out.token_ids)
-        if not (out.text or out.logprobs or out.finish_reason or out.mm_info):
+        wanted = out.text or out.logprobs or out.finish_reason or out.mm_info
+        if not (wanted or out.prompt_logprobs is not None):
             return []
         choice = self.choice(out)
         if choice is None:
@@ -134,20 +137,36 @@ class ChatChunks(ChunkRenderer):
 
 @dataclass
 class CompletionChunks(ChunkRenderer):
+    """Text completion chunks; with `echo` the first one starts with the prompt (its text, and
+    its tokens' logprobs or vLLM's `prompt_logprobs` where asked), as vLLM streams it."""
+
     object: str = "text_completion"
     text_offset: int = 0
+    echo: Echo | None = None  # cleared once the prompt went out
 
     def choice(self, out: RequestOutput) -> dict[str, Any] | None:
+        echo, prefix = self.echo, ""
+        if echo is not None:
+            self.echo = None
+            prefix = echo.text or ""
+            self.text_offset = len(prefix)
         logprobs = None
         if self.top_k is not None and out.logprobs:
             logprobs = completion_logprobs(out.logprobs, self.top_k, self.text_offset)
             self.text_offset += sum(len(p.sampled.token) for p in out.logprobs)
-        return {
+        choice = {
             "index": self.index,
-            "text": out.text,
+            "text": prefix + out.text,
             "logprobs": logprobs,
             "finish_reason": out.finish_reason,
         }
+        if echo is not None:
+            extra = echo.fields(out)
+            if extra["head"] is not None:
+                choice["logprobs"] = joined_logprobs(extra["head"], logprobs)
+            if "prompt_logprobs" in extra:
+                choice["prompt_logprobs"] = extra["prompt_logprobs"]
+        return choice
 
 
 async def close_quietly(outputs: AsyncGenerator[RequestOutput, None]) -> None:

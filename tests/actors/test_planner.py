@@ -11,10 +11,13 @@ from actors.scheduling.request_state import RequestState
 from protocols.messages import (
     EngineRequest,
     ImageRef,
+    PositionLogprobs,
+    PromptLogprobs,
     SampledToken,
     SamplingParams,
     StepPlan,
     StepResult,
+    TokenLogprob,
 )
 
 
@@ -222,3 +225,47 @@ def test_duplicate_request_id_is_refused() -> None:
     else:
         raise AssertionError("a second request with a live id was accepted")
     assert len(p.waiting) == 1
+
+
+def _prompt_result(plan: StepPlan) -> StepResult:
+    """A result whose prompt logprobs name, for each prompt token a sequence scored, its id
+    (logprob -position, to tell them apart)."""
+    out = result(plan)
+    for s in plan.sequences:
+        lo, hi = max(s.start_pos, 0), min(s.start_pos + s.num_tokens, 10 - 1)
+        if lo < hi:
+            positions = [
+                PositionLogprobs(TokenLogprob(100 + p + 1, -float(p + 1))) for p in range(lo, hi)
+            ]
+            out.prompt_logprobs.append(PromptLogprobs(s.request_id, lo + 1, positions))
+    return out
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_arrive_once_with_the_first_token() -> None:
+    p, _ = planner(bs=4, budget=4)
+    prompt = [100 + i for i in range(10)]
+    p.add(make("warm", prompt, max_tokens=1))
+    drain(p)  # its full blocks are now in the prefix cache
+    p.add(make("a", prompt, max_tokens=2, prompt_logprobs=1))
+    deltas, starts = [], []
+    while p.has_work:
+        plan = p.schedule()
+        assert plan is not None
+        starts += [s.start_pos for s in plan.sequences]
+        deltas += [d for _, d in p.apply(_prompt_result(plan)).deltas]
+    assert starts[:3] == [0, 4, 8]  # every prompt position runs, none comes from the cache
+    assert p.requests == {} and len(deltas) == 2
+    first, second = deltas
+    assert first.prompt_token_ids == prompt and second.prompt_logprobs is None
+    assert first.prompt_logprobs is not None
+    assert [pos.sampled.token_id for pos in first.prompt_logprobs] == prompt[1:]
+    assert first.cached_tokens == 0
+
+
+def test_a_recompute_does_not_repeat_prompt_logprobs() -> None:
+    state = RequestState(make("a", list(range(10)), prompt_logprobs=0))
+    pos = [PositionLogprobs(TokenLogprob(t, -1.0)) for t in range(1, 10)]
+    state.add_prompt_logprobs(PromptLogprobs("a", 1, pos[:5]))
+    state.add_prompt_logprobs(PromptLogprobs("a", 1, pos[:7]))  # recomputed from the start
+    state.add_prompt_logprobs(PromptLogprobs("a", 8, pos[7:]))
+    assert state.prompt_logprobs == pos

@@ -268,7 +268,6 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
 @pytest.mark.parametrize(
     "kw",
     [
-        {"prompt": "x", "echo": True},
         {"prompt": "x", "best_of": 2},
         {"prompt": "x", "n": 129},
         {"prompt": "x", "suffix": "y"},
@@ -277,6 +276,57 @@ def test_completion_defaults_to_16_tokens_and_int_logprobs():
 def test_completion_rejections(kw):
     with pytest.raises(OpenAIError):
         convert.completion_requests(CompletionRequest(model="m", **kw), "r")
+
+
+@pytest.mark.parametrize(
+    ("kw", "want"),
+    [
+        ({"echo": True}, None),
+        ({"echo": True, "logprobs": 1}, 1),
+        ({"logprobs": 1}, None),
+        ({"prompt_logprobs": 0}, 0),
+        ({"echo": True, "logprobs": 3, "prompt_logprobs": 1}, 3),
+    ],
+)
+def test_echo_with_logprobs_asks_the_engine_for_prompt_logprobs(kw, want):
+    (gen,) = convert.completion_requests(CompletionRequest(model="m", prompt="x", **kw), "r")
+    assert gen.sampling.prompt_logprobs == want
+
+
+def test_echoed_completion_lists_the_prompt_first():
+    def pos(token: str, tid: int, lp: float) -> PositionLogprobs:
+        return PositionLogprobs(TokenLogprob(tid, lp, token, rank=2), [TokenLogprob(9, -0.1, "Z")])
+
+    done = convert.Collected(
+        text=" c",
+        token_ids=[3],
+        logprobs=[pos(" c", 3, -0.5)],
+        final=RequestOutput("r", finish_reason="length"),
+        prompt_logprobs=[None, pos(" b", 2, -1.5)],
+        prompt_token_strs=["a", " b"],
+    )
+    echo = convert.Echo("a b", top_k=1, prompt_top_k=1)
+    body = convert.completion_response([done], "cmpl-r", 0, "m", 1, echoes=[echo])
+    (choice,) = body["choices"]
+    assert choice["text"] == "a b c"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["a", " b", " c"]
+    assert lp["token_logprobs"] == [None, -1.5, -0.5]
+    assert lp["top_logprobs"] == [None, {"Z": -0.1, " b": -1.5}, {"Z": -0.1, " c": -0.5}]
+    assert lp["text_offset"] == [0, 1, 3]
+    assert choice["prompt_logprobs"] == [
+        None,
+        {
+            "2": {"logprob": -1.5, "rank": 2, "decoded_token": " b"},
+            "9": {"logprob": -0.1, "rank": None, "decoded_token": "Z"},
+        },
+    ]
+
+
+def test_chat_echo_is_refused_clearly():
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], echo=True)
+    with pytest.raises(OpenAIError, match="echo is not supported on chat"):
+        convert.chat_requests(body, "r")
 
 
 @pytest.mark.parametrize("prompt", ["", []])
