@@ -311,3 +311,30 @@ def _number(value: Any) -> float | None:
     else:
         return None
     return number if math.isfinite(number) else None
+
+
+def boxes_per_image(text: str, images: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The server's `tessera.boxes`: the answer's boxes mapped, for each image of the request
+    (`tessera.images` entries with resized_size and original_size, both (width, height)), from
+    the frame the model saw to that image's pixels, clipped to it. Never raises."""
+    boxes = parse_boxes(text)
+    out = []
+    for i, image in enumerate(images):
+        try:
+            mapped = scale_boxes(boxes, image["resized_size"], image["original_size"])
+        except (KeyError, TypeError, ValueError):
+            mapped = []
+        out.append(
+            {
+                "image": i,
+                "boxes": [
+                    {
+                        "label": b.label,
+                        "bbox_2d": [round(v, 2) for v in (b.x1, b.y1, b.x2, b.y2)],
+                        **({"score": b.score} if b.score is not None else {}),
+                    }
+                    for b in mapped
+                ],
+            }
+        )
+    return out

@@ -323,6 +323,7 @@ def build_app(
             body, config.enable_auto_tool_choice, config.tool_call_parser
         )
         parallel = body.parallel_tool_calls is not False
+        boxes = body.tessera is not None and body.tessera.boxes
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         created, top_k = int(time.time()), gens[0].sampling.logprobs
         renderers: list[ChunkRenderer] = [
@@ -336,13 +337,14 @@ def build_app(
                 shared=len(gens),
                 tool_parser=parser,
                 parallel_tool_calls=parallel,
+                boxes=boxes and k == 0,
             )
             for k in range(len(gens))
         ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
             return convert.chat_response(
-                done, f"chatcmpl-{rid}", created, model, top_k, parser, parallel
+                done, f"chatcmpl-{rid}", created, model, top_k, parser, parallel, boxes
             )
 
         return await generate(gens, request, renderers, body.stream, respond)

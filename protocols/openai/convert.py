@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
+from protocols.grounding import boxes_per_image
 from protocols.messages import (
     DetokenizeRequest,
     ErrorInfo,
@@ -165,6 +166,17 @@ def chat_requests(
     return fan_out([chat_request(req, request_id, defaults)], choices_per_prompt(req), request_id)
 
 
+def _has_image(messages: list[dict[str, Any]]) -> bool:
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") in ("image_url", "image")
+            for part in content
+        ):
+            return True
+    return False
+
+
 def chat_request(
     req: ChatCompletionRequest, request_id: str, defaults: Mapping[str, Any] | None = None
 ) -> GenerateRequest:
@@ -173,6 +185,11 @@ def chat_request(
             "echo is not supported on chat completions; use /v1/completions with the rendered "
             "prompt (echo there returns the prompt's text and, with logprobs, its tokens)",
             param="echo",
+        )
+    if req.tessera is not None and req.tessera.boxes and not _has_image(req.messages):
+        raise OpenAIError(
+            "tessera.boxes maps boxes to the request's images; this request has none",
+            param="tessera.boxes",
         )
     if req.top_logprobs and not req.logprobs:
         raise OpenAIError(
@@ -490,6 +507,7 @@ def chat_response(
     top_k: int | None,
     tool_parser: str | None = None,
     parallel_tool_calls: bool = True,
+    boxes: bool = False,
 ) -> dict[str, Any]:
     """The chat.completion body, choice k from done[k] (the n choices share one prompt, counted
     once in the usage). With `tool_parser` the calls in an answer become `message.tool_calls`,
@@ -516,7 +534,9 @@ def chat_response(
             }
         )
     usages = [usage(c.final, len(c.token_ids)) for c in done if c.final is not None]
-    mm_info = done[0].mm_info
+    mm_info = dict(done[0].mm_info or {})
+    if boxes:  # choice 0's boxes, mapped to every image of the request
+        mm_info["boxes"] = boxes_per_image(done[0].text, mm_info.get("images", []))
     return {
         "id": response_id,
         "object": "chat.completion",

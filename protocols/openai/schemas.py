@@ -131,6 +131,14 @@ class SamplingFields(RequestBody):
     user: str | None = None  # accepted and ignored
 
 
+class TesseraOptions(Body):
+    """Tessera's own request options (`"tessera": {...}`); an unknown one is a 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    boxes: bool = False  # return the answer's boxes mapped to each image's pixels
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
@@ -145,6 +153,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a named tool
     parallel_tool_calls: bool | None = None  # false: only the first call is returned
     echo: bool = False  # vLLM's (the last message's text before the answer): refused
+    tessera: TesseraOptions | None = None
 
 
 class CompletionRequest(SamplingFields):

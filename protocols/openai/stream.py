@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import orjson
 
+from protocols.grounding import boxes_per_image
 from protocols.messages import ErrorInfo, RequestOutput
 from protocols.openai.convert import (
     Echo,
@@ -100,6 +101,9 @@ class ChatChunks(ChunkRenderer):
     object: str = "chat.completion.chunk"
     tool_parser: str | None = None
     parallel_tool_calls: bool = True
+    boxes: bool = False  # the final chunk's `tessera.boxes` (protocols/grounding.py)
+    _text: str = field(default="", init=False, repr=False)
+    _images: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
     _parser: ToolCallParser | None = field(default=None, init=False, repr=False)
 
     def start(self) -> list[dict[str, Any]]:
@@ -108,6 +112,18 @@ class ChatChunks(ChunkRenderer):
         delta = {"role": "assistant", "content": ""}
         choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
         return [self._chunk(choice)]
+
+    def render(self, out: RequestOutput) -> list[dict[str, Any]]:
+        if not self.boxes:
+            return super().render(out)
+        self._text += out.text
+        if out.mm_info:
+            self._images = list(out.mm_info.get("images", []))
+        bodies = super().render(out)
+        if out.finish_reason is not None and bodies:
+            tessera = bodies[-1].setdefault("tessera", {})
+            tessera["boxes"] = boxes_per_image(self._text, self._images)
+        return bodies
 
     def choice(self, out: RequestOutput) -> dict[str, Any] | None:
         logprobs = None

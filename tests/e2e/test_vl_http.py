@@ -10,6 +10,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openai
@@ -293,3 +294,72 @@ def test_json_schema_answer_about_an_image(vl_server: EngineProcess) -> None:
     out = ask(vl_server, data_url(png_bytes(56, 56, 3)), response_format=fmt, max_tokens=40)
     value = json.loads(out.choices[0].message.content or "")
     assert value["label"] in ("cat", "dog") and len(value["bbox_2d"]) == 4
+
+
+def test_server_maps_answer_boxes_to_the_original_image(vl_server: EngineProcess) -> None:
+    """`"tessera": {"boxes": true}`: the answer's boxes in the original image's pixels, clipped;
+    the answer is forced into the grounding format with a JSON schema, since the random model
+    writes no boxes by itself."""
+    import json
+
+    item = {
+        "type": "object",
+        "properties": {
+            "bbox_2d": {
+                "type": "array",
+                "items": {"enum": [0, 28, 56, 84]},
+                "minItems": 4,
+                "maxItems": 4,
+            },
+            "label": {"enum": ["cat"]},
+        },
+        "required": ["bbox_2d", "label"],
+        "additionalProperties": False,
+    }
+    schema = {"type": "array", "items": item, "minItems": 1, "maxItems": 2}
+    fmt = {"type": "json_schema", "json_schema": {"name": "boxes", "schema": schema}}
+    url = data_url(png_bytes(100, 60, 5))  # resized to 112 x 56 for the model
+    extra = {"tessera": {"boxes": True}}
+    out = ask(vl_server, url, response_format=fmt, max_tokens=60, extra_body=extra)
+    assert out.model_extra is not None
+    tessera = out.model_extra["tessera"]
+    (image,) = tessera["images"]
+    rw, rh = image["resized_size"]
+    assert image["original_size"] == [100, 60] and (rw, rh) != (100, 60)
+    answer = json.loads(out.choices[0].message.content or "")
+    (mapped,) = tessera["boxes"]
+    assert mapped["image"] == 0 and len(mapped["boxes"]) == len(answer)
+    for raw, box in zip(answer, mapped["boxes"], strict=True):
+        x1, y1, x2, y2 = raw["bbox_2d"]
+        xs = sorted(min(v * 100 / rw, 100) for v in (x1, x2))  # corners come back ordered
+        ys = sorted(min(v * 60 / rh, 60) for v in (y1, y2))
+        want = [xs[0], ys[0], xs[1], ys[1]]
+        assert box["label"] == "cat"
+        assert box["bbox_2d"] == pytest.approx([round(v, 2) for v in want], abs=0.01)
+    client = openai.OpenAI(base_url=vl_server.base_url, api_key="none")
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Find the cat."},
+            ],
+        }
+    ]
+    stream_kw: Any = dict(response_format=fmt, extra_body=extra)
+    stream = client.chat.completions.create(
+        model="tiny-vl", temperature=0, max_tokens=60, stream=True, messages=messages, **stream_kw
+    )
+    finals = [c for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finals and finals[-1].model_extra is not None
+    assert finals[-1].model_extra["tessera"]["boxes"][0]["image"] == 0
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny-vl",
+            max_tokens=2,
+            extra_body=extra,
+            messages=[{"role": "user", "content": "no picture here"}],
+        )
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "tessera.boxes"
+    with pytest.raises(openai.BadRequestError):
+        ask(vl_server, url, extra_body={"tessera": {"boxes": True, "masks": True}})
