@@ -26,6 +26,7 @@ from protocols.messages import (
     TokenLogprob,
 )
 from protocols.openai.errors import OpenAIError
+from protocols.openai.forced_tools import forced_format, read_tool_calls
 from protocols.openai.schemas import (
     INT64_MAX,
     INT64_MIN,
@@ -37,7 +38,6 @@ from protocols.openai.schemas import (
     TokenizeCompletionRequest,
 )
 from protocols.openai.structured import GUIDED_KEYS, structured_output
-from protocols.openai.tool_parsers import parse_tool_calls
 
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON; vLLM clamps the same way
 _TOKEN_ID = re.compile(r"-?[0-9]+")  # negative ones are refused by the engine, naming the id
@@ -199,9 +199,19 @@ def chat_request(
     max_tokens = req.max_completion_tokens
     if max_tokens is None:
         max_tokens = req.max_tokens
+    sampling = _sampling(req, max_tokens, logprobs, defaults or {})
+    forced = forced_format(req.tool_choice, req.tools, req.parallel_tool_calls is not False)
+    if forced is not None:
+        if sampling.structured is not None:
+            raise OpenAIError(
+                "tool_choice required or named holds the answer to tool calls; it cannot be "
+                "combined with response_format or structured_outputs",
+                param="tool_choice",
+            )
+        sampling.structured = forced[1]
     return GenerateRequest(
         request_id=request_id,
-        sampling=_sampling(req, max_tokens, logprobs, defaults or {}),
+        sampling=sampling,
         messages=req.messages,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
@@ -219,8 +229,8 @@ def tool_parser_for(
     """The tool-call parser this request's answer goes through; None: the answer is content.
     vLLM's rules: `tool_choice` defaults to "auto" with tools and "none" without; "none" still
     shows the tools to the model; "auto" needs the server's --enable-auto-tool-choice and
-    --tool-call-parser. "required" and a named tool need the answer constrained to a call,
-    which needs grammar-constrained decoding: refused until Tessera has it."""
+    --tool-call-parser. "required" and a named tool hold the answer to calls with structured
+    outputs (protocols/openai/forced_tools.py), whatever the server's parser."""
     choice = req.tool_choice
     if choice is None:
         choice = "auto" if req.tools else "none"
@@ -238,14 +248,9 @@ def tool_parser_for(
                 param="tool_choice",
             )
         return tool_call_parser if req.tools else None
-    if choice == "required" or isinstance(choice, dict):
-        named = f"the named tool choice {choice!r}" if isinstance(choice, dict) else '"required"'
-        raise OpenAIError(
-            f"tool_choice {named} is not supported yet: forcing a tool call needs "
-            'grammar-constrained decoding, which Tessera does not have yet. Use "auto" (the '
-            'server started with --enable-auto-tool-choice) or "none"',
-            param="tool_choice",
-        )
+    forced = forced_format(choice, req.tools)
+    if forced is not None:  # the answer is held to calls (chat_request) and read as calls
+        return forced[0]
     raise OpenAIError(
         f'Invalid value for `tool_choice`: {choice!r}! Only named tools, "none", "auto" or '
         '"required" are supported.',
@@ -518,7 +523,7 @@ def chat_response(
         message: dict[str, Any] = {"role": "assistant", "content": c.text}
         finish_reason = c.final.finish_reason
         if tool_parser is not None:
-            parsed = parse_tool_calls(tool_parser, c.text)
+            parsed = read_tool_calls(tool_parser, c.text)
             if parsed.tool_calls:
                 calls = parsed.tool_calls if parallel_tool_calls else parsed.tool_calls[:1]
                 message["content"] = parsed.content

@@ -27,7 +27,8 @@ from protocols.openai.convert import (
     summed_usage,
     usage,
 )
-from protocols.openai.tool_parsers import ToolCallParser, make_parser
+from protocols.openai.forced_tools import ForcedCallsParser, make_reader
+from protocols.openai.tool_parsers import ToolCallParser
 
 DONE = b"data: [DONE]\n\n"
 
@@ -104,11 +105,11 @@ class ChatChunks(ChunkRenderer):
     boxes: bool = False  # the final chunk's `tessera.boxes` (protocols/grounding.py)
     _text: str = field(default="", init=False, repr=False)
     _images: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
-    _parser: ToolCallParser | None = field(default=None, init=False, repr=False)
+    _parser: ToolCallParser | ForcedCallsParser | None = field(default=None, init=False, repr=False)
 
     def start(self) -> list[dict[str, Any]]:
         if self.tool_parser is not None:
-            self._parser = make_parser(self.tool_parser)
+            self._parser = make_reader(self.tool_parser)
         delta = {"role": "assistant", "content": ""}
         choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
         return [self._chunk(choice)]

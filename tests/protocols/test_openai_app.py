@@ -557,8 +557,8 @@ def test_tool_choice_none_shows_the_tools_and_leaves_the_answer_as_text():
     "choice,enabled,words",
     [
         (None, False, '"auto" tool choice requires --enable-auto-tool-choice'),
-        ("required", True, "grammar-constrained decoding"),
-        ({"type": "function", "function": {"name": "get_weather"}}, True, "grammar-constrained"),
+        ({"type": "function", "function": {"name": "no_such_tool"}}, True, "not in tools"),
+        ({"type": "function"}, True, "a named tool_choice is"),
     ],
 )
 def test_tool_choices_that_cannot_be_honoured_are_400_before_the_engine(choice, enabled, words):

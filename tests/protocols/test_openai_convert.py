@@ -469,8 +469,7 @@ def test_tool_choice_picks_the_parser(kw: dict, enabled: bool, parser: str | Non
         ({"tools": TOOLS}, False, "requires --enable-auto-tool-choice"),
         ({"tools": TOOLS, "tool_choice": "auto"}, False, "requires --enable-auto-tool-choice"),
         ({"tool_choice": "auto"}, True, "`tools` must be set"),
-        ({"tools": TOOLS, "tool_choice": "required"}, True, "grammar-constrained decoding"),
-        ({"tools": TOOLS, "tool_choice": NAMED}, True, "grammar-constrained decoding"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, True, "a named tool_choice"),
         ({"tools": TOOLS, "tool_choice": "always"}, True, "Invalid value for `tool_choice`"),
     ],
 )
@@ -479,6 +478,50 @@ def test_tool_choices_tessera_cannot_honour_are_400(kw: dict, enabled: bool, wor
         convert.tool_parser_for(chat(**kw), enabled, "hermes" if enabled else None)
     assert words in str(e.value) and e.value.info.param == "tool_choice"
     assert e.value.info.code == 400
+
+
+def test_required_and_named_tool_choices_hold_the_answer_to_calls() -> None:
+    required = convert.chat_request(chat(tools=TOOLS, tool_choice="required"), "r")
+    assert required.sampling.structured is not None
+    schema = json.loads(required.sampling.structured.spec)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert convert.tool_parser_for(chat(tools=TOOLS, tool_choice="required"), False, None) == (
+        "forced"
+    )
+    named = convert.chat_request(chat(tools=TOOLS, tool_choice=NAMED), "r").sampling.structured
+    assert named is not None and named.kind == "json"
+    name = "get_weather"
+    assert convert.tool_parser_for(chat(tools=TOOLS, tool_choice=NAMED), False, None) == (
+        f"forced:{name}"
+    )
+    with pytest.raises(OpenAIError, match="cannot be combined"):
+        convert.chat_request(
+            chat(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
+            "r",
+        )
+
+
+def test_forced_answers_become_tool_calls() -> None:
+    done = convert.Collected(
+        text='[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]',
+        final=RequestOutput("r", finish_reason="stop"),
+    )
+    body = convert.chat_response([done], "id", 1, "m", None, "forced")
+    message = body["choices"][0]["message"]
+    assert message["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
+    calls = [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in message["tool_calls"]
+    ]
+    assert calls == [("a", {"x": 1}), ("b", {})]
+    named = convert.Collected(
+        text='{"city": "Oslo"}', final=RequestOutput("r", finish_reason="stop")
+    )
+    msg = convert.chat_response([named], "id", 1, "m", None, "forced:get_weather")["choices"][0]
+    assert msg["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    cut = convert.Collected(text='{"city": "Os', final=RequestOutput("r", finish_reason="length"))
+    msg = convert.chat_response([cut], "id", 1, "m", None, "forced:get_weather")["choices"][0]
+    assert msg["message"]["content"] == '{"city": "Os' and "tool_calls" not in msg["message"]
 
 
 def test_tools_reach_the_chat_template_as_given():
