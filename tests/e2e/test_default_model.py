@@ -96,3 +96,29 @@ def test_default_model_takes_an_agent_loops_turns(smollm2: EngineProcess) -> Non
     assert resp.usage is not None and resp.usage.prompt_tokens == tok["count"]
     text = httpx.post(root + "/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
     assert '<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n{"temp_c": 21}<|im_end|>' in text
+
+
+def test_default_model_answers_in_the_schema_it_is_given(smollm2: EngineProcess) -> None:
+    """Structured output on a real (GGUF) model and tokenizer: a schema-valid JSON answer."""
+    import json
+
+    client = openai.OpenAI(base_url=smollm2.base_url, api_key="none")
+    schema = {
+        "type": "object",
+        "properties": {
+            "capital": {"type": "string", "maxLength": 20},
+            "country": {"enum": ["France", "Italy", "Spain"]},
+        },
+        "required": ["capital", "country"],
+        "additionalProperties": False,
+    }
+    resp = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    value = json.loads(resp.choices[0].message.content or "")
+    assert set(value) == {"capital", "country"} and value["country"] in ("France", "Italy", "Spain")
+    assert resp.choices[0].finish_reason == "stop"
