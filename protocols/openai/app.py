@@ -37,6 +37,13 @@ from protocols.messages import (
 )
 from protocols.openai import convert
 from protocols.openai.convert import Collected, Echo, OpenAIError, error_body
+from protocols.openai.responses import (
+    ResponseEvents,
+    ResponsesRequest,
+    chat_body,
+    response_object,
+)
+from protocols.openai.responses import new_ids as new_response_ids
 from protocols.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -399,6 +406,32 @@ def build_app(
             top_k = gen.sampling.logprobs if body.echo else None
             echoes.append(Echo(text, top_k, body.prompt_logprobs))
         return echoes
+
+    @v1.post("/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, stateless, over the chat path (protocols/openai/responses.py)."""
+        model = convert.resolve_model(body.model, served)
+        response_id, item_id = new_response_ids()
+        gens = convert.chat_requests(chat_body(body), response_id, defaults)
+        created = int(time.time())
+        renderer = ResponseEvents(
+            response_id, created, model, False, None, item_id=item_id, metadata=body.metadata
+        )
+
+        def respond(done: list[Collected]) -> dict[str, Any]:
+            c = done[0]
+            return response_object(
+                response_id,
+                created,
+                model,
+                item_id,
+                c.text,
+                c.final,
+                len(c.token_ids),
+                body.metadata,
+            )
+
+        return await generate(gens, request, [renderer], body.stream, respond)
 
     def model_card(name: str, facts: EngineFacts | None) -> dict[str, Any]:
         return {

@@ -363,3 +363,24 @@ def test_server_maps_answer_boxes_to_the_original_image(vl_server: EngineProcess
     assert isinstance(err.value.body, dict) and err.value.body["param"] == "tessera.boxes"
     with pytest.raises(openai.BadRequestError):
         ask(vl_server, url, extra_body={"tessera": {"boxes": True, "masks": True}})
+
+
+def test_responses_api_takes_an_image(vl_server: EngineProcess) -> None:
+    client = openai.OpenAI(base_url=vl_server.base_url, api_key="none")
+    url = data_url(png_bytes(56, 56, 9))
+    image_input: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_image", "image_url": url},
+                {"type": "input_text", "text": "What is in the picture?"},
+            ],
+        }
+    ]
+    resp = client.responses.create(
+        model="tiny-vl", input=image_input, max_output_tokens=4, temperature=0
+    )
+    chat = ask(vl_server, url)
+    assert resp.output_text == chat.choices[0].message.content
+    assert resp.usage is not None and chat.usage is not None
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens  # the image tokens counted
