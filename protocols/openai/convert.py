@@ -454,6 +454,15 @@ class Echo:
             result["prompt_logprobs"] = vllm_prompt_logprobs(prompt, self.prompt_top_k)
         return result
 
+    def apply(self, choice: dict[str, Any], out: RequestOutput | Collected) -> None:
+        """Put the echoed prompt's logprobs (before the choice's own) and vLLM's
+        prompt_logprobs field into a completion choice."""
+        extra = self.fields(out)
+        if extra["head"] is not None:
+            choice["logprobs"] = joined_logprobs(extra["head"], choice["logprobs"])
+        if "prompt_logprobs" in extra:
+            choice["prompt_logprobs"] = extra["prompt_logprobs"]
+
 
 def usage(out: RequestOutput, completion_tokens: int | None = None) -> dict[str, Any]:
     done = out.completion_tokens or (completion_tokens or 0)
@@ -580,11 +589,7 @@ def completion_response(
             "stop_reason": c.final.stop_reason,
         }
         if echo is not None:
-            extra = echo.fields(c)
-            if extra["head"] is not None:
-                choice["logprobs"] = joined_logprobs(extra["head"], logprobs)
-            if "prompt_logprobs" in extra:
-                choice["prompt_logprobs"] = extra["prompt_logprobs"]
+            echo.apply(choice, c)
         choices.append(choice)
         usages.append(usage(c.final, len(c.token_ids)))
     return {

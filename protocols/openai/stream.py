@@ -23,7 +23,6 @@ from protocols.openai.convert import (
     chunk,
     completion_logprobs,
     error_body,
-    joined_logprobs,
     summed_usage,
     usage,
 )
@@ -178,11 +177,7 @@ class CompletionChunks(ChunkRenderer):
             "finish_reason": out.finish_reason,
         }
         if echo is not None:
-            extra = echo.fields(out)
-            if extra["head"] is not None:
-                choice["logprobs"] = joined_logprobs(extra["head"], logprobs)
-            if "prompt_logprobs" in extra:
-                choice["prompt_logprobs"] = extra["prompt_logprobs"]
+            echo.apply(choice, out)
         return choice
 
 
