@@ -101,6 +101,10 @@ vllm_waiting = Gauge(
 vllm_kv_usage = Gauge(
     "vllm:kv_cache_usage_perc", "KV-cache usage (0-1)", _MODEL, multiprocess_mode="mostrecent"
 )
+# the older name, still read by vLLM's own Grafana dashboard (same value)
+vllm_gpu_cache_usage = Gauge(
+    "vllm:gpu_cache_usage_perc", "KV-cache usage (0-1)", _MODEL, multiprocess_mode="mostrecent"
+)
 vllm_prefix_queries = Counter(
     "vllm:prefix_cache_queries", "Prefix-cache queries, in tokens", _MODEL
 )
@@ -126,6 +130,12 @@ vllm_inference = _latency("request_inference_time_seconds", "First scheduled to 
 vllm_request_prompt = Histogram(
     "vllm:request_prompt_tokens", "Prompt tokens per request", _MODEL, buckets=REQUEST_TOKEN_BUCKETS
 )
+vllm_request_max_generation = Histogram(
+    "vllm:request_max_num_generation_tokens",
+    "The max_tokens a request could generate",
+    _MODEL,
+    buckets=REQUEST_TOKEN_BUCKETS,
+)
 vllm_request_generation = Histogram(
     "vllm:request_generation_tokens",
     "Generated tokens per request",
@@ -146,6 +156,7 @@ class FinishedRequest:
     finished: float
     prompt_tokens: int
     output_tokens: int
+    max_tokens: int = 0
 
 
 def record_finished(model: str, r: FinishedRequest) -> None:
@@ -157,6 +168,7 @@ def record_finished(model: str, r: FinishedRequest) -> None:
     vllm_prompt_tokens.labels(model).inc(r.prompt_tokens)
     vllm_request_prompt.labels(model).observe(r.prompt_tokens)
     vllm_request_generation.labels(model).observe(r.output_tokens)
+    vllm_request_max_generation.labels(model).observe(r.max_tokens)
     if r.first_token is not None:
         ttft.observe(r.first_token - r.arrival)
         vllm_ttft.labels(model).observe(r.first_token - r.arrival)
@@ -199,6 +211,7 @@ def record_gauges(model: str, running: int, waiting: int, kv_usage: float, hit_r
     vllm_running.labels(model).set(running)
     vllm_waiting.labels(model).set(waiting)
     vllm_kv_usage.labels(model).set(kv_usage)
+    vllm_gpu_cache_usage.labels(model).set(kv_usage)
 
 
 def record_token_gap(model: str, seconds: float) -> None:

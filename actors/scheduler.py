@@ -161,6 +161,7 @@ class SchedulerActor(Stage):
                     finished=now,
                     prompt_tokens=len(r.request.prompt_token_ids),
                     output_tokens=n_out,
+                    max_tokens=r.request.max_tokens,
                 ),
             )
         s, pool = self.planner.stats, self.pool

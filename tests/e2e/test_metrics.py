@@ -93,6 +93,7 @@ def test_vllm_named_metrics_carry_the_model_name(server) -> None:
     assert m["vllm:num_requests_running" + label] == 0
     assert m["vllm:num_requests_waiting" + label] == 0
     assert m["vllm:kv_cache_usage_perc" + label] == 0.0
+    assert m["vllm:gpu_cache_usage_perc" + label] == 0.0  # the name vLLM's dashboard reads
     assert m["vllm:generation_tokens_total" + label] >= 6
     assert m["vllm:prompt_tokens_total" + label] >= 2 * r.json()["usage"]["prompt_tokens"]
     assert m[f'vllm:request_success_total{{finished_reason="length",model_name="{name}"}}'] >= 2
@@ -105,5 +106,6 @@ def test_vllm_named_metrics_carry_the_model_name(server) -> None:
         "request_decode_time_seconds",
         "request_prompt_tokens",
         "request_generation_tokens",
+        "request_max_num_generation_tokens",
     ):
         assert m[f"vllm:{hist}_count" + label] >= 2, hist
