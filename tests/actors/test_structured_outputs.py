@@ -90,3 +90,44 @@ def test_formats_that_cannot_be_enforced_are_explained(checkpoint: Path) -> None
     assert check("grammar", 'start: "a" | "b"', vocab) is None
     assert check("grammar", "start: undefined_rule", vocab) is not None
     assert "unknown structured output kind" in (check("xml", "<a/>", vocab) or "")
+
+
+def test_formats_hold_under_chunked_prefill_and_preemption(
+    model: Decoder, checkpoint: Path
+) -> None:
+    """The matcher follows the tokens drawn, not the steps: prompt chunks of 3 and a recompute
+    after a preemption give the same constrained answer as one plain run."""
+    from protocols.messages import ScheduledSequence, StepPlan
+
+    fmt = StructuredOutput("json", json.dumps(SCHEMA))
+    tokenizer = TextTokenizer.load(str(checkpoint))
+    (want,) = generate(model, checkpoint, [fmt])
+
+    def request() -> object:
+        r = greedy_request("a", PROMPT, 40, structured=fmt)
+        r.eos_token_ids = tokenizer.eos_token_ids
+        return r
+
+    chunked = paged_runner(model, 128)
+    chunked.tokenizer = str(checkpoint)
+    (job,) = run_plans(chunked, [request()], 40, prefill_chunk=3)  # type: ignore[list-item]
+    ids = job.output
+    cut = min(ids.index(e) for e in tokenizer.eos_token_ids if e in ids)
+    assert tokenizer.decode(ids[:cut]) == want
+
+    runner = paged_runner(model, 128)
+    runner.tokenizer = str(checkpoint)
+    blocks, other = list(range(0, 13)), list(range(20, 33))  # 4-token blocks, 49 tokens
+    runner.execute(StepPlan(0, [ScheduledSequence("a", 0, len(PROMPT), blocks, True)], [request()]))  # type: ignore[list-item]
+    state = runner.requests["a"]
+    for step in range(1, 6):
+        pos = state.num_tokens - 1
+        runner.execute(StepPlan(step, [ScheduledSequence("a", pos, 1, blocks, True)]))
+    # preempted, then recomputed over prompt + outputs in other blocks, and decoding goes on
+    runner.execute(StepPlan(9, [ScheduledSequence("a", 0, state.num_tokens - 1, other, False)]))
+    while len(state.output_token_ids) < 40:
+        pos = state.num_tokens - 1
+        runner.execute(StepPlan(10 + pos, [ScheduledSequence("a", pos, 1, other, True)]))
+    ids = state.output_token_ids
+    cut = min(ids.index(e) for e in tokenizer.eos_token_ids if e in ids)
+    assert tokenizer.decode(ids[:cut]) == want
