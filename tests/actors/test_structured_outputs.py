@@ -15,7 +15,7 @@ from models import load_model
 from models.decoder import Decoder
 from models.grammar import check, grammar_tokenizer
 from models.tokenizer import TextTokenizer
-from protocols.messages import StructuredOutput
+from protocols.messages import EngineRequest, StructuredOutput
 from tests.fixtures.checkpoints import make_qwen2_checkpoint
 from tests.models.paged_runner import greedy_request, paged_runner, run_plans
 
@@ -103,14 +103,14 @@ def test_formats_hold_under_chunked_prefill_and_preemption(
     tokenizer = TextTokenizer.load(str(checkpoint))
     (want,) = generate(model, checkpoint, [fmt])
 
-    def request() -> object:
+    def request() -> EngineRequest:
         r = greedy_request("a", PROMPT, 40, structured=fmt)
         r.eos_token_ids = tokenizer.eos_token_ids
         return r
 
     chunked = paged_runner(model, 128)
     chunked.tokenizer = str(checkpoint)
-    (job,) = run_plans(chunked, [request()], 40, prefill_chunk=3)  # type: ignore[list-item]
+    (job,) = run_plans(chunked, [request()], 40, prefill_chunk=3)
     ids = job.output
     cut = min(ids.index(e) for e in tokenizer.eos_token_ids if e in ids)
     assert tokenizer.decode(ids[:cut]) == want
@@ -118,7 +118,7 @@ def test_formats_hold_under_chunked_prefill_and_preemption(
     runner = paged_runner(model, 128)
     runner.tokenizer = str(checkpoint)
     blocks, other = list(range(0, 13)), list(range(20, 33))  # 4-token blocks, 49 tokens
-    runner.execute(StepPlan(0, [ScheduledSequence("a", 0, len(PROMPT), blocks, True)], [request()]))  # type: ignore[list-item]
+    runner.execute(StepPlan(0, [ScheduledSequence("a", 0, len(PROMPT), blocks, True)], [request()]))
     state = runner.requests["a"]
     for step in range(1, 6):
         pos = state.num_tokens - 1
