@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the model eagerly, without graph capture or compilation",
     )
     p.add_argument(
+        "--shutdown-timeout",
+        dest="shutdown_timeout_s",
+        type=float,
+        default=d.shutdown_timeout_s,
+        help="on SIGTERM, seconds the requests in flight get to finish while new ones are "
+        "answered 503; then everything stops (0: stop at once)",
+    )
+    p.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,

@@ -60,6 +60,7 @@ class EngineConfig:
     uvicorn_log_level: str = "warning"
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long requests in flight may take to finish
     log_level: str = "info"
     log_stats_interval_s: float = 5.0
     no_effect_flags: list[str] = field(default_factory=list)  # vLLM flags given; logged at start

@@ -179,16 +179,22 @@ class Supervisor:
         return 0
 
     def shutdown(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Stop the groups in reverse start order, each before the next: the front (HTTP)
+        first, given --shutdown-timeout to let its requests finish while the engine behind
+        it still runs them; then the stateless stages, the engine, the executors."""
+        drain = max(0.0, self.config.shutdown_timeout_s) + 5
+        for i, group in enumerate(reversed(self.groups)):
+            procs = [self.procs[s.name] for s in group.specs if s.name in self.procs]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + (drain if i == 0 else 10)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.control.close(linger=0)
         self.ctx.term()
         if self._own_run_dir:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import uvicorn
 
 from protocols.client import AsyncEngineClient
 from protocols.openai.app import build_app
+from protocols.openai.drain import DrainGuard
 from protocols.openai.generation_config import sampling_defaults
 from protocols.stage import Stage
 
@@ -57,11 +59,12 @@ class OpenAIServerActor(Stage):
             )
         self.client = AsyncEngineClient(self.addresses.front)
         self.app = build_app(self.client, self.config, defaults)
+        self.guard = DrainGuard(self.app)  # outermost: counts and, on shutdown, refuses
         self.sock = bind(self.config.host, self.config.port)
         port = self.sock.getsockname()[1]
         c = self.config
         config = uvicorn.Config(
-            self.app,
+            self.guard,
             host=c.host,
             port=port,
             log_level=c.uvicorn_log_level,
@@ -83,11 +86,25 @@ class OpenAIServerActor(Stage):
             await asyncio.wait({serving})  # ends only if uvicorn stops by itself
             serving.result()
         finally:
-            with anyio.move_on_after(STOP_GRACE_S + 2, shield=True):
+            drain = max(0.0, self.config.shutdown_timeout_s)
+            with anyio.move_on_after(drain + STOP_GRACE_S + 2, shield=True):
+                await self._drain(serving, drain)
                 await self._stop(serving)
             if not serving.done():
                 serving.cancel()
             self.client.close()
+
+    async def _drain(self, serving: asyncio.Future[None], seconds: float) -> None:
+        """Answer new requests 503 while those in flight finish, for up to `seconds`."""
+        if seconds <= 0 or serving.done():
+            return
+        self.guard.draining = True
+        self.log.info("draining", requests=self.guard.in_flight, timeout_s=seconds)
+        deadline = time.monotonic() + seconds
+        while self.guard.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.guard.in_flight:
+            self.log.warning("drain timed out; ending the rest", requests=self.guard.in_flight)
 
     async def _stop(self, serving: asyncio.Future[None]) -> None:
         """Stop promptly: close the listener, cancel in-flight requests (aborting them upstream)."""

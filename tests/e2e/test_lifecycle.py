@@ -105,3 +105,58 @@ def test_max_model_len_beyond_the_kv_pool_is_refused_at_start(tiny_qwen2: Path) 
         eng.stop()
         raise AssertionError("the engine started with a KV pool too small for max_model_len")
     assert eng.proc is not None and eng.proc.returncode == 1
+
+
+def test_sigterm_drains_streams_in_flight_and_refuses_new_requests(tiny_qwen2: Path) -> None:
+    """SIGTERM with 8 streams running: all 8 finish whole ([DONE], their max_tokens), /health
+    and new requests get 503 with Retry-After meanwhile, and the engine then exits cleanly."""
+    import threading
+
+    args = [*ARGS, "--max-model-len", "256", "--shutdown-timeout", "60"]
+    eng = EngineProcess(str(tiny_qwen2), args).start()
+    assert eng.proc is not None
+    results: list[tuple[int, bool]] = []
+    started = threading.Barrier(9)
+
+    def stream() -> None:
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 100,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        chunks, done = 0, False
+        with httpx.stream("POST", eng.base_url + "/chat/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            started.wait()
+            for line in lines:
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: ") and '"content":"' in line:
+                    chunks += 1
+        results.append((chunks, done))
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()  # every stream is open
+    eng.proc.send_signal(signal.SIGTERM)
+    refused = None
+    for _ in range(100):  # the launcher stops the HTTP stage first, which starts draining
+        try:
+            r = httpx.get(eng.root_url + "/health", timeout=2)
+        except httpx.HTTPError:
+            break
+        if r.status_code == 503:
+            refused = chat(eng)
+            break
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=120)
+    code = eng.proc.wait(timeout=120)
+    assert refused is not None and refused.status_code == 503
+    assert refused.headers["retry-after"] and refused.json()["error"]["code"] == 503
+    assert len(results) == 8 and all(done for _, done in results), results
+    assert all(chunks >= 90 for chunks, _ in results), results  # whole answers, not cut
+    assert code == 0
