@@ -5,5 +5,6 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/scripts/install.sh" test
 cd "$root"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"
