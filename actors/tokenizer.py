@@ -14,11 +14,12 @@ from typing import Any
 from actors import admission, metrics
 from actors.admission import RequestInvalid
 from core.launch.addresses import owner
+from models.chat_messages import template_messages
 from models.chat_template import compile_chat_template
 from models.detokenizer import PROMPT_CONTEXT
 from models.grammar import check as check_structured
 from models.grammar import grammar_tokenizer
-from models.tokenizer import TextTokenizer, template_messages
+from models.tokenizer import TextTokenizer
 from protocols.messages import (
     AbortRequest,
     DetokenizeRequest,

@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import (
-    AddedToken,
     Encoding,
-    Regex,
     Tokenizer,
-    decoders,
-    models,
-    pre_tokenizers,
     processors,
 )
 
 from models.chat_template import render_chat_template
-
-_TEXT_PART = "text"
 
 
 class TextTokenizer:
@@ -65,7 +58,9 @@ class TextTokenizer:
         if p.is_file():
             if p.suffix != ".gguf":
                 raise ValueError(f"{path} is a file but not a .gguf; pass a checkpoint folder")
-            return _load_gguf(p)
+            from models.gguf_tokenizer import load_gguf_tokenizer  # it builds a TextTokenizer
+
+            return load_gguf_tokenizer(p)
         if not p.is_dir():
             raise FileNotFoundError(f"no tokenizer at {path}")
         return _load_folder(p)
@@ -215,49 +210,6 @@ class _HiddenSpecials:
         return pattern.sub(lambda m: self.originals.get(m.group(), m.group()), text)
 
 
-def template_messages(messages: list[dict[str, Any]], text_only: bool) -> list[dict[str, Any]]:
-    """Copies of OpenAI messages (checked by actors.admission.parse_messages) in the form chat
-    templates take, as vLLM hands them over: for a text-only template, content parts joined
-    into one string and null content as ""; for a template of parts, null content as no parts;
-    tool calls' arguments (JSON text on the API) as objects, which templates serialize."""
-    shaped = []
-    for message in messages:
-        message = dict(message)
-        if message.get("content") is None:
-            message["content"] = "" if text_only else []
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            message["tool_calls"] = [_call_with_object_arguments(call) for call in calls]
-        shaped.append(message)
-    return flatten_text_content(shaped) if text_only else shaped
-
-
-def _call_with_object_arguments(call: dict[str, Any]) -> dict[str, Any]:
-    function = dict(call["function"])
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-    elif arguments is None:
-        function["arguments"] = {}
-    return {**call, "function": function}
-
-
-def flatten_text_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of `messages` whose list-of-parts content is joined into one string, for templates
-    of text-only models. Takes text parts only (actors.admission.parse_messages checks parts)."""
-    flat = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            kinds = {part.get("type") for part in content} - {_TEXT_PART}
-            if kinds:
-                raise ValueError(f"only text parts can be joined, got type {kinds.pop()!r}")
-            text = "\n".join(part["text"] for part in content)
-            message = {**message, "content": text}
-        flat.append(message)
-    return flat
-
-
 # ---- HF checkpoint folder ------------------------------------------------------------------
 
 
@@ -300,7 +252,7 @@ def _folder_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     return from_json or _pick_template(config.get("chat_template"))
 
 
-def _set_bos_eos(
+def set_bos_eos(
     hf: Tokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool
 ) -> None:
     """Install the post-processor that adds BOS/EOS as the config asks (as transformers does)."""
@@ -331,7 +283,7 @@ def _load_folder(folder: Path) -> TextTokenizer:
         for name in ("bos_token", "eos_token", "unk_token", "pad_token")
     }
     if "add_bos_token" in config or "add_eos_token" in config or hf.post_processor is None:
-        _set_bos_eos(
+        set_bos_eos(
             hf,
             special["bos_token"],
             special["eos_token"],
@@ -345,137 +297,4 @@ def _load_folder(folder: Path) -> TextTokenizer:
         chat_template=_folder_chat_template(folder, config),
         special_tokens=special,
         extra_eos_ids=extra_eos,
-    )
-
-
-# ---- GGUF file -----------------------------------------------------------------------------
-
-# llama.cpp's `tokenizer.ggml.pre` names -> the split regex their merges were learned with.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GGUF_SPLITS = {
-    **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"),
-        _LLAMA3_SPLIT,
-    ),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
-}
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's map from each byte to the printable character that spells it in a vocabulary."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    spelling = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in spelling:
-            spelling[b] = chr(256 + extra)
-            extra += 1
-    return spelling
-
-
-def _gguf_metadata(path: Path) -> dict[str, Any]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if not (name.startswith("tokenizer.") or name == "general.architecture"):
-            continue
-        if hasattr(field, "contents"):
-            meta[name] = field.contents()
-            continue
-        # Older gguf-py: decode from the raw parts.
-        values = [field.parts[i] for i in field.data]
-        kind = field.types[-1]
-        if kind == gguf.GGUFValueType.STRING:
-            decoded: list[Any] = [bytes(v).decode("utf-8") for v in values]
-        else:
-            decoded = [v.tolist()[0] for v in values]
-        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
-        meta[name] = decoded if is_array else decoded[0]
-    return meta
-
-
-def _gguf_byte_level(meta: dict[str, Any]) -> Tokenizer:
-    """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`), shaped like transformers' conversion."""
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab = {
-        tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8")): i
-        for i, tok in enumerate(tokens)
-    }
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    split = _GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre", ""))
-    if split is None:
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    hf.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
-    # Control tokens stay whole and are special; one spelled outside the byte alphabet is a
-    # llama.cpp mislabel and is left alone. User-defined tokens stay whole but are not special.
-    control = [
-        t for t, k in zip(tokens, types, strict=False) if k == _CONTROL and set(t) <= alphabet
-    ]
-    if control:
-        hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    known = hf.get_vocab()
-    user = [t for t, k in zip(tokens, types, strict=False) if k == _USER_DEFINED and t in known]
-    if user:
-        hf.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    return hf
-
-
-def _load_gguf(path: Path) -> TextTokenizer:
-    meta = _gguf_metadata(path)
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(
-            f"{path.name}: GGUF tokenizer model {kind!r} is not supported (only byte-level 'gpt2')"
-        )
-    hf = _gguf_byte_level(meta)
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    special = {
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-    }
-    _set_bos_eos(
-        hf,
-        special["bos_token"],
-        special["eos_token"],
-        bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-    )
-    # llama.cpp also ends generation on the end-of-turn / end-of-message tokens.
-    extra = [
-        meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta
-    ]
-    return TextTokenizer(
-        hf,
-        chat_template=meta.get("tokenizer.chat_template"),
-        special_tokens=special,
-        extra_eos_ids=[i for i in extra if isinstance(i, int)],
     )

@@ -8,7 +8,7 @@
 # Environment: PYTHON (python3), OUT (results folder, ./bench-results/gpu), CKPT (checkpoint
 # folder, /tmp/vlm-r1-3b; built when missing), PARALLEL / NUMBER (the sweep, "1 4 8 16 32" /
 # "4 8 16 32 64"), MAX_TOKENS (512), HF_BATCHES ("1,32"), HF_BENCH (the peer harness's
-# hf_bench.py, ../shared/peers/hf_bench.py).
+# hf_bench.py; the `hf` stage needs it and is the only one that does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,7 +18,7 @@ PARALLEL=${PARALLEL:-1 4 8 16 32}
 NUMBER=${NUMBER:-4 8 16 32 64}
 MAX_TOKENS=${MAX_TOKENS:-512}
 HF_BATCHES=${HF_BATCHES:-1,32}
-HF_BENCH=${HF_BENCH:-../shared/peers/hf_bench.py}
+HF_BENCH=${HF_BENCH:-}
 PORT=${PORT:-8000}
 mkdir -p "$OUT"
 stages=("$@")
@@ -67,6 +67,7 @@ for stage in "${stages[@]}"; do
       ;;
     hf)
       say "transformers generate on the same GPU"
+      [ -f "$HF_BENCH" ] || { echo "hf stage: set HF_BENCH to the peer harness's hf_bench.py" >&2; exit 2; }
       sed -e 's/attn_implementation=args.attn).eval()/attn_implementation=args.attn).eval().to("cuda")/' \
           -e 's/return proc(text=\[chat\] \* bs, images=imgs, return_tensors="pt", padding=True)/return proc(text=[chat] * bs, images=imgs, return_tensors="pt", padding=True).to("cuda")/' \
           "$HF_BENCH" >"$OUT/hf_bench_cuda.py"

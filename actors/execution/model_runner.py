@@ -11,6 +11,8 @@ from actors.execution.decode_graphs import DecodeGraphs
 from actors.execution.encoder_cache import EncoderCache
 from actors.execution.kv_pool import KVLimits, KVPool, size_kv_pool
 from actors.execution.pixel_store import PixelStore
+from actors.execution.positions import decode_positions, step_positions
+from actors.execution.prompt_logprobs import score_prompts
 from actors.execution.sequence import SequenceState
 from devices.base import Platform
 from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
@@ -32,8 +34,6 @@ from protocols.messages import (
     StepPlan,
     TokenLogprob,
 )
-
-PROMPT_LOGPROB_ROWS = 512  # prompt rows per log-softmax over the vocabulary (bounds fp32 memory)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -252,13 +252,13 @@ class ModelRunner:
         ):
             hidden = self.graphs.run(
                 ids,
-                self._decode_positions(plan, states),
+                decode_positions(plan, states, self.uses_mrope),
                 [s.block_table for s in seqs],
                 [s.start_pos + 1 for s in seqs],
             )
-            self._score_prompts(plan, states, hidden)
+            self.prompt_logprobs += score_prompts(plan, states, hidden, self.model.compute_logits)
             return self._sample(plan, states, hidden), hidden
-        positions = self._positions(plan, states)
+        positions = step_positions(plan, states)
         dev = self.device
         meta = AttentionMetadata.build(
             [s.num_tokens for s in seqs],
@@ -276,63 +276,13 @@ class ModelRunner:
             self.kv,
             inputs_embeds=self._embeds_with_images(spans, input_ids),
         )
-        self._score_prompts(plan, states, hidden)
+        self.prompt_logprobs += score_prompts(plan, states, hidden, self.model.compute_logits)
         return self._sample(plan, states, hidden), hidden
 
     def take_prompt_logprobs(self) -> list[PromptLogprobs]:
         """The prompt logprobs computed since the last call (the executor sends them)."""
         out, self.prompt_logprobs = self.prompt_logprobs, []
         return out
-
-    def _score_prompts(
-        self, plan: StepPlan, states: list[SequenceState], hidden: torch.Tensor
-    ) -> None:
-        """For each sequence whose request asked prompt_logprobs: the logprob (fp32 log-softmax)
-        of prompt token p + 1 read at each prompt position p the step ran, with its rank and the
-        top k. A position is scored once: a recompute after a preemption skips those done."""
-        row = 0
-        for s, state in zip(plan.sequences, states, strict=True):
-            k = state.sampling.prompt_logprobs
-            if k is None:  # the common case: nothing to score
-                row += s.num_tokens
-                continue
-            first, end = s.start_pos, s.start_pos + s.num_tokens
-            lo = max(first, state.prompt_logprobs_upto - 1)
-            hi = min(end, len(state.prompt_token_ids) - 1)
-            if lo < hi:
-                state.prompt_logprobs_upto = hi + 1
-                positions = []
-                for at in range(lo, hi, PROMPT_LOGPROB_ROWS):
-                    upto = min(at + PROMPT_LOGPROB_ROWS, hi)
-                    rows = hidden[row + at - first : row + upto - first]
-                    targets = state.prompt_token_ids[at + 1 : upto + 1]
-                    positions += self._prompt_positions(rows, targets, k)
-                self.prompt_logprobs.append(PromptLogprobs(state.request_id, lo + 1, positions))
-            row += s.num_tokens
-
-    def _prompt_positions(
-        self, rows: torch.Tensor, targets: list[int], k: int
-    ) -> list[PositionLogprobs]:
-        logprobs = torch.log_softmax(self.model.compute_logits(rows).float(), dim=-1)
-        index = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
-        chosen = logprobs.gather(1, index)
-        ranks = (logprobs > chosen).sum(dim=1) + 1
-        chosen_l, ranks_l = chosen.squeeze(1).tolist(), ranks.tolist()
-        top_v: list[list[float]] = [[] for _ in targets]
-        top_i: list[list[int]] = [[] for _ in targets]
-        if k > 0:
-            values, ids = logprobs.topk(k, dim=-1)
-            top_v, top_i = values.tolist(), ids.tolist()
-        return [
-            PositionLogprobs(
-                TokenLogprob(t, chosen_l[i], rank=ranks_l[i]),
-                [
-                    TokenLogprob(tid, v, rank=r + 1)
-                    for r, (tid, v) in enumerate(zip(top_i[i], top_v[i]))
-                ],
-            )
-            for i, t in enumerate(targets)
-        ]
 
     def _sample(
         self, plan: StepPlan, states: list[SequenceState], hidden: torch.Tensor
@@ -377,38 +327,6 @@ class ModelRunner:
                 logprobs = PositionLogprobs(TokenLogprob(token_ids[i], lp[i]), top)
             result.append(SampledToken(state.request_id, token_ids[i], logprobs))
         return result
-
-    def _decode_positions(self, plan: StepPlan, states: list[SequenceState]) -> list[list[int]]:
-        """`_positions` of a step of one-token sequences, as rows of Python ints."""
-        if not self.uses_mrope:
-            return [[s.start_pos for s in plan.sequences]]
-        rows: list[list[int]] = [[], [], []]
-        for s, state in zip(plan.sequences, states, strict=True):
-            pos = state.mrope_positions
-            assert pos is not None
-            if s.start_pos < pos.shape[1]:
-                column = pos[:, s.start_pos].tolist()
-            else:
-                column = [s.start_pos + state.mrope_delta] * 3
-            for axis in range(3):
-                rows[axis].append(column[axis])
-        return rows
-
-    def _positions(self, plan: StepPlan, states: list[SequenceState]) -> torch.Tensor:
-        """Rotary positions on the host: [T] for text models; [3, T] (M-RoPE) for VL models, the
-        prompt's from its image grids and a generated token's at index + delta on all three axes."""
-        parts = []
-        for s, state in zip(plan.sequences, states, strict=True):
-            start, end = s.start_pos, s.start_pos + s.num_tokens
-            pos = state.mrope_positions
-            if pos is None:
-                parts.append(torch.arange(start, end))
-                continue
-            n = pos.shape[1]
-            head = pos[:, min(start, n) : min(end, n)]
-            tail = torch.arange(max(start, n), max(end, n)).expand(3, -1) + state.mrope_delta
-            parts.append(torch.cat([head, tail], dim=1))
-        return torch.cat(parts, dim=-1)
 
     def _image_spans(
         self, plan: StepPlan, states: list[SequenceState]

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from protocols.messages import ErrorInfo
+from protocols.openai.convert import error_body
 
 RETRY_AFTER_S = 5
 
@@ -25,15 +28,13 @@ class DrainGuard:
             await self.app(scope, receive, send)
             return
         if self.draining:
-            from protocols.openai.convert import error_body
-
             info = ErrorInfo(
                 "the server is shutting down; retry on another replica or later",
                 "ServiceUnavailableError",
                 None,
                 503,
             )
-            body = _json(error_body(info))
+            body = orjson.dumps(error_body(info))
             headers = [
                 (b"content-type", b"application/json"),
                 (b"retry-after", str(RETRY_AFTER_S).encode()),
@@ -57,9 +58,3 @@ class DrainGuard:
         finally:
             if not done:
                 self.in_flight -= 1
-
-
-def _json(value: Any) -> bytes:
-    import orjson
-
-    return orjson.dumps(value)

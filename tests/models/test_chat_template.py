@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, models
 
+from models.chat_messages import template_messages
 from models.chat_template import compile_chat_template, render_chat_template
-from models.tokenizer import TextTokenizer, template_messages
+from models.tokenizer import TextTokenizer
 from tests.models.test_tokenizer import gguf_pair, qwen_pair
 
 CONVERSATIONS = [

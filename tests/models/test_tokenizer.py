@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import transformers
 
-from models.tokenizer import TextTokenizer, flatten_text_content
+from models.chat_messages import flatten_text_content
+from models.tokenizer import TextTokenizer
 
 QWEN_DIR = Path(__file__).resolve().parents[1] / "assets/qwen2.5-tokenizer"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
