@@ -64,8 +64,9 @@ class Platform(ABC):
         raise NotImplementedError(f"{self.name} records no graphs")
 
     def compile(self, fn: F) -> F:
-        """`fn` made faster for this device before graphs record it (fused kernels, any input
-        sizes); `fn` itself where nothing is measured faster."""
+        """`fn` made faster for this device (fused kernels, any input sizes): the vision
+        tower's elementwise steps, and a decode layer before graphs record it; `fn` itself
+        where nothing is measured faster."""
         return fn
 
     def synchronize(self, device: torch.device) -> None:  # noqa: B027 - no-op by default

@@ -12,7 +12,8 @@ from torch import nn
 
 from models.config import ModelConfig, VisionConfig
 from models.decoder import Decoder
-from models.layers import RMSNorm, apply_rotary
+from models.layers import RMSNorm
+from models.vision_kernels import Compiler, VisionKernels
 
 # Checkpoint prefixes of the vision tower: published (legacy) and transformers 5 layouts.
 VISUAL_PREFIX = re.compile(r"^(model\.)?visual\.")
@@ -94,13 +95,15 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segs: Segments | None
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        segs: Segments | None,
+        kernels: VisionKernels,
     ) -> torch.Tensor:
         seq = x.shape[0]
-        q, k, v = self.qkv(x).view(seq, 3, self.num_heads, self.head_dim).unbind(1)
-        # HF rotates the vision q/k in fp32 and casts back.
-        q = apply_rotary(q.float(), *cos_sin).to(x.dtype)
-        k = apply_rotary(k.float(), *cos_sin).to(x.dtype)
+        qkv = self.qkv(x).view(seq, 3, self.num_heads, self.head_dim)
+        q, k, v = kernels.rotate_qk(qkv, *cos_sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, S, D]
         out = segment_attention(q, k, v, segs)
         return self.proj(out.transpose(0, 1).reshape(seq, -1))
@@ -112,10 +115,9 @@ class VisionMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
-        self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)).mul_(self.up_proj(x)))
+    def forward(self, x: torch.Tensor, kernels: VisionKernels) -> torch.Tensor:
+        return self.down_proj(kernels.gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionBlock(nn.Module):
@@ -127,10 +129,15 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], segs: Segments | None
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        segs: Segments | None,
+        kernels: VisionKernels,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos_sin, segs)
-        return x + self.mlp(self.norm2(x))
+        norm1, norm2 = self.norm1, self.norm2
+        x = x + self.attn(kernels.rms_norm(x, norm1.weight, norm1.eps), cos_sin, segs, kernels)
+        return x + self.mlp(kernels.rms_norm(x, norm2.weight, norm2.eps), kernels)
 
 
 class PatchMerger(nn.Module):
@@ -168,6 +175,19 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.kernels = VisionKernels.eager(ACTIVATIONS[c.hidden_act])
+
+    def use_compiler(self, compile: Compiler) -> None:
+        """Runs the blocks' elementwise steps through `compile` (models/vision_kernels.py), and
+        encodes one small blank image so that compiling happens now, not on a first request."""
+        self.kernels = VisionKernels.compiled(ACTIVATIONS[self.config.hidden_act], compile)
+        c, weight = self.config, next(self.parameters())
+        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size**2
+        # 14 x 22 patches: a count (308) that equals no model dimension, so the compiler keeps
+        # the patch count symbolic instead of tying it to, say, the head size.
+        grid = (1, 7 * c.spatial_merge_size, 11 * c.spatial_merge_size)
+        with torch.no_grad():
+            self.forward(weight.new_zeros(grid[1] * grid[2], patch_dim), grid)
 
     def _inv_freq(self) -> torch.Tensor:
         spatial_dim = self.config.hidden_size // self.config.num_heads // 2
@@ -217,7 +237,7 @@ class VisionTransformer(nn.Module):
         frames = segments(frame_lengths, device)  # full attention within each frame
         windows = segments(window_lengths, device)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos_sin, frames if i in c.fullatt_block_indexes else windows)
+            x = block(x, cos_sin, frames if i in c.fullatt_block_indexes else windows, self.kernels)
         merged = self.merger(x)[torch.argsort(torch.cat(orders))]
         return list(merged.split(sizes))
 

@@ -62,6 +62,8 @@ class ModelRunner:
         and, unless `enforce_eager`, records decode steps of up to max_num_seqs sequences where
         the platform records graphs and reads the cache in place (CUDA)."""
         platform.prepare_model(model)  # CPU: fp32 linears packed for oneDNN
+        if isinstance(model, Qwen2_5_VLModel) and not enforce_eager:
+            model.visual.use_compiler(platform.compile)  # fused elementwise steps per image
         self.model = model
         self.pool = pool
         weight = model.embed_tokens.weight
