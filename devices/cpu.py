@@ -16,6 +16,7 @@ from torch import nn
 
 from devices.base import F, Platform
 from devices.cpu_features import has_native_bf16
+from devices.cpu_fused_layers import fuse_layer_ops
 from devices.cpu_linear import pack_linears
 from devices.cpu_paged_attention import available as paged_attention_built
 from devices.cpu_paged_attention import paged_decode_attention
@@ -102,6 +103,7 @@ class CpuPlatform(Platform):
 
     def prepare_model(self, model: nn.Module) -> None:
         pack_linears(model)  # prepacked oneDNN weights, fused MLP: devices/cpu_linear.py
+        fuse_layer_ops(model)  # norms, rotary and cache writes in C: devices/cpu_fused_layers.py
 
     def compile(self, fn: F) -> F:
         """torch.compile (C++ kernels, one trace for every input size). Used for the vision

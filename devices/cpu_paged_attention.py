@@ -1,84 +1,28 @@
 """The CPU platform's decode attention: a small C kernel (cpu_paged_attention.c) that reads each
-sequence's keys and values in place in the paged cache, built once per machine with the system C
-compiler and called through ctypes. The model runner hands it to every step's AttentionMetadata.
-
-Built with -march=native, so the shared object is cached under a key that includes the CPU's
-flags (machines differ between runs). Where no compiler is found or the build fails, the
-platform offers no kernel and attention keeps its portable torch path (one warning is logged).
+sequence's keys and values in place in the paged cache, built once per machine
+(devices/cpu_kernel_build.py) and called through ctypes. The model runner hands it to every
+step's AttentionMetadata. Where it cannot be built, attention keeps its portable torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import structlog
 import torch
 
-from devices.cpu_features import cpu_flags
+from devices.cpu_kernel_build import load_kernel_library
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffast-math",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-log = structlog.get_logger()
-
-
-def cache_dir() -> Path:
-    """TESSERA_KERNEL_CACHE, else ~/.cache/tessera/kernels."""
-    env = os.environ.get("TESSERA_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "tessera" / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), " ".join(sorted(cpu_flags())).encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(built, target)  # atomic: processes building at once all see a whole file
-    return target
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        log.warning("no C compiler found: decode attention uses the torch path")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning(
-            "paged attention kernel not built: decode attention uses the torch path",
-            error=str(exc),
-            detail=detail.decode(errors="replace")[-500:],
-        )
+    lib = load_kernel_library(SOURCE, FLAGS, "decode attention uses the torch path")
+    if lib is None:
         return None
     fn = lib.tessera_paged_decode
     fn.restype = ctypes.c_int

@@ -61,6 +61,24 @@ class DecodeKernel(Protocol):
     ) -> torch.Tensor: ...
 
 
+class RopeStore(Protocol):
+    """A device's fused decode-step start (e.g. devices/cpu_fused_ops.py): qkv [T, (H + 2 kvH)
+    * D] as qkv_proj gives it -> q rotated [T, H, D], with k rotated and v written into the
+    caches [kvH, slots, D] at `slots` [T]. The same arithmetic as apply_rotary + index_copy_."""
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        heads: int,
+        kv_heads: int,
+    ) -> torch.Tensor: ...
+
+
 @dataclass
 class PrefillSpan:
     """One sequence of the step with several new tokens (a prompt or a prefill chunk)."""
@@ -247,6 +265,7 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.rope_store: RopeStore | None = None  # a device's fused one, for decode-only steps
 
     def forward(
         self,
@@ -255,7 +274,21 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.rope_store is not None and meta.decode_rows is not None and not meta.prefills:
+            k_cache, v_cache = cache  # every row is a decode, in order
+            q = self.rope_store(
+                qkv,
+                *cos_sin,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                self.num_heads,
+                self.num_kv_heads,
+            )
+            out = _decode_attention(q, k_cache, v_cache, meta)
+            return self.o_proj(out.reshape(-1, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -48,8 +48,9 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cos_sin, meta, cache))
-        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
+        h = self.self_attn(self.input_layernorm(x), cos_sin, meta, cache)
+        x, h = self.post_attention_layernorm.add_norm(x, self.reduce(h))
+        return x + self.reduce(self.mlp(h))
 
 
 # Runs one layer: (layer, x, cos_sin, meta, cache) -> x. A device may hand forward a compiled one.

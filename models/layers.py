@@ -26,6 +26,12 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): a residual add and the norm after it, which a device
+        may fuse into one pass (devices/cpu_fused_layers.py)."""
+        total = x + delta
+        return total, self(total)
+
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] in fp32, with "linear" or "llama3" scaling as in HF."""
