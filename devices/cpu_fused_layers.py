@@ -46,7 +46,8 @@ def _rope_store(
     slots: torch.Tensor,
     heads: int,
     kv_heads: int,
-) -> torch.Tensor:
+    want_k: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return rope_store(
         qkv.contiguous(),
         cos.contiguous(),
@@ -56,6 +57,7 @@ def _rope_store(
         slots.to(torch.int64),
         heads,
         kv_heads,
+        want_k,
     )
 
 

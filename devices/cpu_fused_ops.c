@@ -84,9 +84,11 @@ static inline void rotate(const void *src, int64_t at, const void *cos, const vo
 
 /* The new tokens' q/k/v as qkv_proj wrote them, [tokens, (heads + 2 kv_heads) * dim]: q rotated
  * into q_out [tokens, heads, dim]; k rotated and v copied into the paged caches
- * [kv_heads, cache_slots, dim] at slots[t]. cos/sin [tokens, dim]. */
+ * [kv_heads, cache_slots, dim] at slots[t], and k also into k_out [tokens, kv_heads, dim] when
+ * given (prefills attend to it directly). cos/sin [tokens, dim]. */
 int tessera_rope_store(const void *qkv, const void *cos, const void *sin, void *q_out,
-                       void *k_cache, void *v_cache, const int64_t *slots, int64_t tokens,
+                       void *k_out, void *k_cache, void *v_cache, const int64_t *slots,
+                       int64_t tokens,
                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t cache_slots,
                        int dtype, int threads) {
     const int is_bf16 = dtype == 1;
@@ -101,6 +103,9 @@ int tessera_rope_store(const void *qkv, const void *cos, const void *sin, void *
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t to = (h * cache_slots + slot) * dim;
             rotate(qkv, in + (heads + h) * dim, cos, sin, angles, dim, k_cache, to, is_bf16);
+            if (k_out)
+                memcpy((char *)k_out + (t * kv_heads + h) * dim * elem,
+                       (const char *)k_cache + to * elem, (size_t)dim * elem);
             memcpy((char *)v_cache + to * elem,
                    (const char *)qkv + (in + (heads + kv_heads + h) * dim) * elem,
                    (size_t)dim * elem);

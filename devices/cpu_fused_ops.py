@@ -32,7 +32,7 @@ def _library() -> ctypes.CDLL | None:
     lib.tessera_rms_norm.restype = _I
     lib.tessera_rms_norm.argtypes = [_P] * 5 + [_I64] * 2 + [_F, _I, _I]
     lib.tessera_rope_store.restype = _I
-    lib.tessera_rope_store.argtypes = [_P] * 7 + [_I64] * 5 + [_I, _I]
+    lib.tessera_rope_store.argtypes = [_P] * 8 + [_I64] * 5 + [_I, _I]
     return lib
 
 
@@ -85,17 +85,20 @@ def rope_store(
     slots: torch.Tensor,
     heads: int,
     kv_heads: int,
-) -> torch.Tensor:
-    """qkv [T, (heads + 2 kv_heads) * D] as qkv_proj gives it -> q rotated [T, heads, D]; k is
-    rotated and v copied into k_cache / v_cache [kv_heads, cache_slots, D] at slots [T] (int64).
-    cos/sin [T, D] in qkv's dtype."""
+    want_k: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """qkv [T, (heads + 2 kv_heads) * D] as qkv_proj gives it -> (q rotated [T, heads, D], k
+    rotated [T, kv_heads, D] if `want_k` else None); k is rotated and v copied into k_cache /
+    v_cache [kv_heads, cache_slots, D] at slots [T] (int64). cos/sin [T, D] in qkv's dtype."""
     tokens, dim = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(tokens, heads, dim, dtype=qkv.dtype)
+    k = torch.empty(tokens, kv_heads, dim, dtype=qkv.dtype) if want_k else None
     _lib().tessera_rope_store(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
         q.data_ptr(),
+        None if k is None else k.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         slots.data_ptr(),
@@ -107,4 +110,4 @@ def rope_store(
         DTYPES[qkv.dtype],
         torch.get_num_threads(),
     )
-    return q
+    return q, k

@@ -62,9 +62,10 @@ class DecodeKernel(Protocol):
 
 
 class RopeStore(Protocol):
-    """A device's fused decode-step start (e.g. devices/cpu_fused_ops.py): qkv [T, (H + 2 kvH)
-    * D] as qkv_proj gives it -> q rotated [T, H, D], with k rotated and v written into the
-    caches [kvH, slots, D] at `slots` [T]. The same arithmetic as apply_rotary + index_copy_."""
+    """A device's fused start of attention (e.g. devices/cpu_fused_ops.py): qkv [T, (H + 2 kvH)
+    * D] as qkv_proj gives it -> (q rotated [T, H, D], k rotated [T, kvH, D] if `want_k` else
+    None), with k rotated and v written into the caches [kvH, slots, D] at `slots` [T]. The
+    same arithmetic as apply_rotary + index_copy_."""
 
     def __call__(
         self,
@@ -76,7 +77,8 @@ class RopeStore(Protocol):
         slots: torch.Tensor,
         heads: int,
         kv_heads: int,
-    ) -> torch.Tensor: ...
+        want_k: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass
@@ -194,12 +196,26 @@ def paged_attention(
     k_cache, v_cache = cache
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    return attend_stored(q, k, v, cache, meta)
+
+
+def attend_stored(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    cache: KVCache,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """paged_attention once the new keys and values are in the cache (k/v: the new tokens';
+    k may be None in a decode-only step, whose keys are all read from the cache)."""
+    k_cache, v_cache = cache
     if meta.decode_rows is not None and not meta.prefills:
-        return _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta)
+        return _decode_attention(q, k_cache, v_cache, meta)  # every row a decode, in order
     out = torch.empty_like(q)
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1)[None]  # [1, H, q, D]
         if span.key_slots is None:  # nothing cached: SDPA's fused causal kernel, no mask
+            assert k is not None
             ks = k[span.start : span.end].transpose(0, 1)[None]
             vs = v[span.start : span.end].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
@@ -275,22 +291,22 @@ class Attention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.rope_store is not None and meta.decode_rows is not None and not meta.prefills:
-            k_cache, v_cache = cache  # every row is a decode, in order
-            q = self.rope_store(
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.rope_store is None:
+            q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
+            k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
+            out = paged_attention(q, k, v, cache, meta)
+        else:
+            decode_only = meta.decode_rows is not None and not meta.prefills
+            q, k_rotated = self.rope_store(
                 qkv,
                 *cos_sin,
-                k_cache,
-                v_cache,
+                *cache,
                 meta.slot_mapping,
                 self.num_heads,
                 self.num_kv_heads,
+                want_k=not decode_only,  # decodes read their keys from the cache only
             )
-            out = _decode_attention(q, k_cache, v_cache, meta)
-            return self.o_proj(out.reshape(-1, self.q_size))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, cache, meta)
+            out = attend_stored(q, k_rotated, v, cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))

@@ -58,13 +58,17 @@ def test_rope_store_matches_rotary_and_cache_writes(dtype: torch.dtype, tokens: 
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     slots = torch.randperm(cache_slots)[:tokens]
     caches = [torch.zeros(kv_heads, cache_slots, dim, dtype=dtype) for _ in range(4)]
-    q = rope_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    q, k = rope_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads, want_k=True)
+    q_only, no_k = rope_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    assert no_k is None and torch.equal(q_only, q)
     rq, rk, rv = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
     ref_q = apply_rotary(rq.view(tokens, heads, dim), cos, sin)
     ref_k = apply_rotary(rk.view(tokens, kv_heads, dim), cos, sin)
     caches[2].index_copy_(1, slots, ref_k.transpose(0, 1))
     caches[3].index_copy_(1, slots, rv.view(tokens, kv_heads, dim).transpose(0, 1))
     _close(q, ref_q)
+    assert k is not None
+    _close(k, ref_k)
     _close(caches[0], caches[2])
     _close(caches[1], caches[3])
 
