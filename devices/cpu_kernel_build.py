@@ -30,37 +30,40 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tessera" / "kernels"
 
 
+RECIPE = b"compile, then link without the compile flags"  # part of the cache key
+
+
 def _build(compiler: str, source: Path, flags: list[str]) -> Path:
-    key = hashlib.sha256(
-        b"\0".join(
-            [source.read_bytes(), " ".join(flags).encode(), " ".join(sorted(cpu_flags())).encode()]
-        )
-    ).hexdigest()[:16]
+    parts = [RECIPE, source.read_bytes(), " ".join(flags).encode()]
+    digest = hashlib.sha256(b"\0".join([*parts, " ".join(sorted(cpu_flags())).encode()]))
+    key = digest.hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run(
-            [compiler, *flags, str(source), "-o", str(built), "-lm"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        obj, built = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        # Compiled and linked apart: linking with -ffast-math would add crtfastmath.o, which
+        # flushes subnormals to zero in the whole process that loads the library.
+        link = ["-shared", *(f for f in flags if f == "-fopenmp")]
+        for command in (
+            [compiler, *flags, "-fPIC", "-c", str(source), "-o", str(obj)],
+            [compiler, *link, str(obj), "-o", str(built), "-lm"],
+        ):
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.replace(built, target)  # atomic: processes building at once all see a whole file
     return target
 
 
 def load_kernel_library(source: Path, flags: list[str], fallback: str) -> ctypes.CDLL | None:
-    """`source` built with `flags` (plus -shared -fPIC) and loaded; None, with a warning naming
+    """`source` compiled with `flags` into a shared library and loaded; None, with a warning naming
     `fallback` (what runs instead), where that cannot be done here."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.warning(f"no C compiler found: {fallback}")
         return None
     try:
-        return ctypes.CDLL(str(_build(compiler, source, [*flags, "-shared", "-fPIC"])))
+        return ctypes.CDLL(str(_build(compiler, source, flags)))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.warning(
