@@ -85,7 +85,8 @@ static inline void rotate(const void *src, int64_t at, const void *cos, const vo
 /* The new tokens' q/k/v as qkv_proj wrote them, [tokens, (heads + 2 kv_heads) * dim]: q rotated
  * into q_out [tokens, heads, dim]; k rotated and v copied into the paged caches
  * [kv_heads, cache_slots, dim] at slots[t], and k also into k_out [tokens, kv_heads, dim] when
- * given (prefills attend to it directly). cos/sin [tokens, dim]. */
+ * given (prefills attend to it directly). cos/sin [tokens, dim]. Returns 1, having written
+ * nothing, when a slot lies outside the cache. */
 int tessera_rope_store(const void *qkv, const void *cos, const void *sin, void *q_out,
                        void *k_out, void *k_cache, void *v_cache, const int64_t *slots,
                        int64_t tokens,
@@ -94,6 +95,8 @@ int tessera_rope_store(const void *qkv, const void *cos, const void *sin, void *
     const int is_bf16 = dtype == 1;
     const int64_t row = (heads + 2 * kv_heads) * dim;
     const size_t elem = is_bf16 ? 2 : 4;
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= cache_slots) return 1; /* nothing written */
 #pragma omp parallel for num_threads(threads) if (tokens >= 16) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t in = t * row, angles = t * dim, slot = slots[t];

@@ -93,7 +93,7 @@ def rope_store(
     tokens, dim = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(tokens, heads, dim, dtype=qkv.dtype)
     k = torch.empty(tokens, kv_heads, dim, dtype=qkv.dtype) if want_k else None
-    _lib().tessera_rope_store(
+    status = _lib().tessera_rope_store(
         qkv.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -110,4 +110,6 @@ def rope_store(
         DTYPES[qkv.dtype],
         torch.get_num_threads(),
     )
+    if status != 0:
+        raise IndexError(f"a cache slot lies outside the cache's {k_cache.shape[1]} slots")
     return q, k

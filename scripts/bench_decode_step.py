@@ -35,7 +35,9 @@ def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> lis
     bs = runner.pool.block_size
     per_seq = -(-(context + steps + 1) // bs)
     gen = torch.Generator().manual_seed(batch)
-    vocab = runner.model.config.vocab_size
+    c = runner.model.config
+    # Text tokens only: an image placeholder id in a prompt would ask for an image.
+    vocab = min(i for i in (c.vocab_size, c.image_token_id, c.vision_start_token_id) if i)
     requests, tables = [], []
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()

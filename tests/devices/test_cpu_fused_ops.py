@@ -79,3 +79,12 @@ def test_fuse_layer_ops_swaps_norms_and_attention() -> None:
     assert isinstance(model["norm"], FusedRMSNorm)
     fuse_layer_ops(model)  # idempotent: a fused norm is not wrapped again
     assert type(model["norm"]) is FusedRMSNorm
+
+
+def test_rope_store_refuses_slots_outside_the_cache() -> None:
+    qkv = torch.randn(2, 4 * 8)
+    cos, sin = torch.ones(2, 8), torch.zeros(2, 8)
+    k_cache, v_cache = torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)
+    with pytest.raises(IndexError, match="outside the cache"):
+        rope_store(qkv, cos, sin, k_cache, v_cache, torch.tensor([1, 4]), 2, 1)
+    assert not k_cache.any() and not v_cache.any()  # nothing written
