@@ -11,6 +11,14 @@ import json
 import math
 from typing import Any
 
+from protocols.limits import (
+    LimitExceeded,
+    RequestLimits,
+    check_messages,
+    check_prompts,
+    check_stop,
+    image_limit,
+)
 from protocols.messages import ErrorInfo, GenerateRequest, SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
@@ -84,6 +92,19 @@ def check_prompt_form(req: GenerateRequest) -> str:
     if req.prompt_token_ids is not None and not isinstance(req.prompt_token_ids, list):
         raise RequestInvalid("prompt_token_ids must be a list of token ids", param="prompt")
     return "messages" if req.messages is not None else "prompt"
+
+
+def check_size(req: GenerateRequest, limits: RequestLimits) -> None:
+    """The server's size caps (protocols/limits.py: messages, images, prompt characters, stop
+    strings), checked before the chat template or the tokenizer runs."""
+    try:
+        check_stop(req.sampling.stop, limits)
+        if req.messages is not None:
+            check_messages(req.messages, req.tools, limits)
+        elif req.prompt is not None:
+            check_prompts([req.prompt], limits)
+    except LimitExceeded as exc:
+        raise RequestInvalid(str(exc), param=exc.param) from None
 
 
 def check_prompt_ids(ids: list[Any], vocab_size: int, param: str) -> None:
@@ -271,9 +292,10 @@ def request_chat_template(
 
 
 def check_image_count(n_images: int, limits: dict[str, int]) -> None:
-    """No more images than the server's --limit-mm-per-prompt allows (worded as vLLM)."""
-    limit = limits.get("image")
-    if limit is not None and n_images > limit:
+    """No more images than the server's --limit-mm-per-prompt allows (worded as vLLM; 64
+    when it names no image limit)."""
+    limit = image_limit(limits)
+    if n_images > limit:
         raise RequestInvalid(
             f"At most {limit} image(s) may be provided in one prompt (--limit-mm-per-prompt); "
             f"this request has {n_images}",

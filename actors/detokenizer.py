@@ -64,14 +64,16 @@ class Streams:
         self.tokenizer = tokenizer
         self.open_streams: dict[str, StreamState] = {}
         self.early: dict[str, list[TokenDelta]] = {}  # deltas that came before their StreamOpen
-        self.closed_early: set[str] = set()  # aborted before their StreamOpen came: drop it
+        # aborted before their StreamOpen came: drop it (bounded: a stream opened on a replica
+        # that died never comes, and its abort still arrives here)
+        self.closed_early: OrderedDict[str, None] = OrderedDict()
         self.stopped: OrderedDict[str, None] = OrderedDict()
 
     def open(self, msg: StreamOpen) -> Emitted:
         rid = msg.request_id
         emitted = Emitted()
         if rid in self.closed_early:
-            self.closed_early.discard(rid)
+            del self.closed_early[rid]
             return emitted
         self.stopped.pop(rid, None)
         sp = msg.sampling
@@ -102,7 +104,9 @@ class Streams:
                 pass  # finished here by a stop string: late tokens are dropped
             elif closing:
                 self.early.pop(rid, None)
-                self.closed_early.add(rid)
+                self.closed_early[rid] = None
+                while len(self.closed_early) > RECENTLY_STOPPED:
+                    self.closed_early.popitem(last=False)
             else:
                 self.early.setdefault(rid, []).append(d)
             return None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from actors.execution import KVLimits, ModelRunner
+from actors.execution.fault_hook import FaultHook
 from actors.execution.tp_group import join_group
 from core.codec import CodecError
 from devices import get_platform
@@ -57,6 +58,7 @@ class ExecutorActor(Stage):
             enforce_eager=c.enforce_eager,
             tp=tp,
             tokenizer=c.tokenizer,
+            quantization=c.quantization,
         )
         pool = self.runner.pool
         if pool.capped:
@@ -69,6 +71,9 @@ class ExecutorActor(Stage):
             device=str(self.runner.device),
             tensor_parallel=f"rank {self.index} of {tp_size}",
             dtype=str(self.runner.dtype),
+            quantization=c.quantization,
+            weight_bytes=self.runner.weight_bytes,
+            kv_bytes=self.runner.kv_bytes,
             seconds=round(time.monotonic() - t0, 2),
             kv_blocks=pool.num_blocks,
             block_size=pool.block_size,
@@ -79,6 +84,7 @@ class ExecutorActor(Stage):
         self.plans = self.transport.mailbox(a.plans[self.index], bind=False)
         self.media = self.transport.mailbox(a.media[self.index])
         self.results = self.transport.outbox(a.results) if self.index == 0 else None
+        self.faults = FaultHook()  # tests only: TESSERA_FAULT_FILE makes a forward raise
         return self.runner.facts.to_info()  # only rank 0's reach the other stages
 
     async def run(self) -> None:
@@ -88,6 +94,8 @@ class ExecutorActor(Stage):
             t0 = time.perf_counter()
             error = None
             try:
+                if plan.sequences:
+                    self.faults.check()
                 sampled = self.runner.execute(plan)
             except Exception as exc:  # one failed step fails its requests, not the engine
                 # Their state stays until the scheduler lists them in finished_ids: the next

@@ -30,6 +30,7 @@ from protocols.messages import (
     ImageRef,
     PendingImages,
     RequestError,
+    RequestMoved,
     StreamOpen,
 )
 from protocols.stage import Stage
@@ -74,6 +75,7 @@ class ImagePreprocessorActor(Stage):
         async with anyio.create_task_group() as tg:
 
             async def spawn(req: PendingImages) -> None:
+                await self.to_gateway.send(RequestMoved(req.request_id, "images"))  # it is here
                 scope = anyio.CancelScope()
                 self.fetching[req.request_id] = scope  # before the task starts: aborts see it
                 tg.start_soon(self.process, req, scope)

@@ -23,6 +23,7 @@ from protocols.messages import (
     EngineRequest,
     ErrorInfo,
     RequestError,
+    RequestMoved,
     StepResult,
     TokenBatch,
     TokenDelta,
@@ -72,6 +73,7 @@ class SchedulerActor(Stage):
         except ValueError as exc:
             self.log.warning("duplicate request dropped", request_id=req.request_id, error=str(exc))
             return
+        await self.to_gateway.send(RequestMoved(req.request_id, "engine"))  # it is here now
         self.wake.set()
 
     async def on_abort(self, msg: AbortRequest) -> None:

@@ -4,12 +4,19 @@ gateway -> here -> (image stage when the request has images) -> scheduler. A req
 run is refused here with a 400 and goes no further; aborts follow the request's path on.
 /tokenize and /detokenize are answered here too (gateway -> here -> gateway), with the very
 tokenizer and chat template generation uses.
+
+A request with a long text (OFFLOAD_CHARS and more, up to --max-prompt-chars) is rendered and
+tokenized on a worker thread, one at a time, with a tokenizer of its own (the long encodes
+release the GIL), so the short requests behind it are admitted meanwhile; an abort that arrives
+while it is there ends it there.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+
+import anyio
 
 from actors import admission, metrics
 from actors.admission import RequestInvalid
@@ -20,6 +27,7 @@ from models.detokenizer import PROMPT_CONTEXT
 from models.grammar import check as check_structured
 from models.grammar import grammar_tokenizer
 from models.tokenizer import TextTokenizer
+from protocols.limits import RequestLimits, text_chars
 from protocols.messages import (
     AbortRequest,
     DetokenizeRequest,
@@ -34,13 +42,24 @@ from protocols.messages import (
 )
 from protocols.stage import Stage
 
+OFFLOAD_CHARS = 16_384  # requests with this much text are tokenized on the worker thread
+Admitted = EngineRequest | PendingImages | RequestError
+
+
+def request_chars(req: GenerateRequest | TokenizeRequest) -> int:
+    """The text a request makes the stage render and encode (what decides where it runs)."""
+    if isinstance(req.prompt, str):
+        return len(req.prompt)
+    return text_chars(req.messages) + text_chars(req.tools)
+
 
 class TokenizerActor(Stage):
     async def setup(self) -> dict[str, Any]:
-        self.tokenizer = TextTokenizer.load(self.config.tokenizer_path)
-        if self.config.chat_template is not None:  # --chat-template replaces the checkpoint's
-            compile_chat_template(self.config.chat_template)  # a broken one fails the start
-            self.tokenizer.chat_template = self.config.chat_template
+        self.tokenizer = self._load_tokenizer()
+        self.worker_tokenizer = self._load_tokenizer()  # the worker thread's own: no shared state
+        self.worker = anyio.CapacityLimiter(1)
+        self.offloaded: dict[str, bool] = {}  # request id on the worker -> aborted meanwhile
+        self.limits = RequestLimits.of(self.config)
         self.eos_ids = sorted(set(self.tokenizer.eos_token_ids) | set(self.facts.eos_token_ids))
         a = self.addresses
         self.inbox = self.transport.mailbox(a.tokenizers[self.index])
@@ -50,28 +69,69 @@ class TokenizerActor(Stage):
         self.to_gateway = self.transport.outbox(a.gateway)
         return {}
 
+    def _load_tokenizer(self) -> TextTokenizer:
+        tokenizer = TextTokenizer.load(self.config.tokenizer_path)
+        if self.config.chat_template is not None:  # --chat-template replaces the checkpoint's
+            compile_chat_template(self.config.chat_template)  # a broken one fails the start
+            tokenizer.chat_template = self.config.chat_template
+        return tokenizer
+
     async def run(self) -> None:
-        await self.serve(
-            self.inbox,
-            {
-                GenerateRequest: self.on_request,
-                AbortRequest: self.on_abort,
-                TokenizeRequest: self.on_tokenize,
-                DetokenizeRequest: self.on_tokenize,
-            },
-        )
+        async with anyio.create_task_group() as self.tasks:
+            await self.serve(
+                self.inbox,
+                {
+                    GenerateRequest: self.on_request,
+                    AbortRequest: self.on_abort,
+                    TokenizeRequest: self.on_tokenize,
+                    DetokenizeRequest: self.on_tokenize,
+                },
+            )
 
     async def on_request(self, req: GenerateRequest) -> None:
-        rid = req.request_id
         t0 = time.perf_counter()
         try:
-            admitted = self.admit(req)
+            admission.check_size(req, self.limits)  # cheap: before any rendering or encoding
         except RequestInvalid as exc:
-            await self.to_gateway.send(RequestError(rid, exc.error))
+            await self.to_gateway.send(RequestError(req.request_id, exc.error))
             return
+        if request_chars(req) < OFFLOAD_CHARS:
+            await self._send_on(self._admitted(req, self.tokenizer), t0)
+            return
+        self.offloaded[req.request_id] = False
+        self.tasks.start_soon(self._admit_on_worker, req, t0)
+
+    async def _admit_on_worker(self, req: GenerateRequest, t0: float) -> None:
+        """Admit a long request on the worker thread; drop it if its abort came meanwhile, and
+        pass on an abort that came while it was being sent."""
+        rid = req.request_id
+        sent = False
+        try:
+            admitted = await anyio.to_thread.run_sync(
+                self._admitted, req, self.worker_tokenizer, limiter=self.worker
+            )
+            if not self.offloaded[rid]:
+                await self._send_on(admitted, t0)
+                sent = True
+        finally:
+            aborted = self.offloaded.pop(rid, False)
+        if sent and aborted:
+            await self._pass_abort(AbortRequest(rid))
+
+    def _admitted(self, req: GenerateRequest, tokenizer: TextTokenizer) -> Admitted:
+        """The request as the next stage takes it, or the refusal the gateway gets."""
+        try:
+            return self.admit(req, tokenizer)
+        except RequestInvalid as exc:
+            return RequestError(req.request_id, exc.error)
         except Exception as exc:  # a bug must cost one request, never the stage
-            self.log.exception("tokenizer error", request_id=rid)
-            await self.to_gateway.send(RequestError(rid, internal_error(exc)))
+            self.log.exception("tokenizer error", request_id=req.request_id)
+            return RequestError(req.request_id, internal_error(exc))
+
+    async def _send_on(self, admitted: Admitted, t0: float) -> None:
+        rid = admitted.request_id
+        if isinstance(admitted, RequestError):
+            await self.to_gateway.send(admitted)
             return
         metrics.stage_latency.labels("tokenizer").observe(time.perf_counter() - t0)
         self.log.debug("tokenized", request_id=rid, prompt_tokens=len(admitted.prompt_token_ids))
@@ -84,6 +144,13 @@ class TokenizerActor(Stage):
         await self.to_scheduler.send(admitted)
 
     async def on_abort(self, msg: AbortRequest) -> None:
+        """A request still on the worker thread ends there; otherwise the abort goes on."""
+        if msg.request_id in self.offloaded:
+            self.offloaded[msg.request_id] = True
+            return
+        await self._pass_abort(msg)
+
+    async def _pass_abort(self, msg: AbortRequest) -> None:
         """Forward to the image stage that may hold the request and to the scheduler: whichever
         knows it acts, the other ignores it (the image stage's copy reaches the scheduler after
         the request itself, on the same socket)."""
@@ -92,26 +159,40 @@ class TokenizerActor(Stage):
         await self.to_scheduler.send(msg)
 
     async def on_tokenize(self, req: TokenizeRequest | DetokenizeRequest) -> None:
-        """Answer /tokenize or /detokenize; a refusal travels back in the reply."""
+        """Answer /tokenize or /detokenize (a long text on the worker thread); a refusal travels
+        back in the reply."""
+        if isinstance(req, TokenizeRequest) and request_chars(req) >= OFFLOAD_CHARS:
+            self.tasks.start_soon(self._tokenize_on_worker, req)
+            return
+        await self.to_gateway.send(self._tokenize_reply(req, self.tokenizer))
+
+    async def _tokenize_on_worker(self, req: TokenizeRequest) -> None:
+        reply = await anyio.to_thread.run_sync(
+            self._tokenize_reply, req, self.worker_tokenizer, limiter=self.worker
+        )
+        await self.to_gateway.send(reply)
+
+    def _tokenize_reply(
+        self, req: TokenizeRequest | DetokenizeRequest, tokenizer: TextTokenizer
+    ) -> TokenizeReply:
         rid = req.request_id
         try:
             if isinstance(req, TokenizeRequest):
-                reply = self.tokenize(req)
-            else:
-                reply = self.detokenize(req)
+                return self.tokenize(req, tokenizer)
+            return self.detokenize(req)
         except RequestInvalid as exc:
-            reply = TokenizeReply(rid, error=exc.error)
+            return TokenizeReply(rid, error=exc.error)
         except Exception as exc:  # a bug must cost one request, never the stage
             self.log.exception("tokenize error", request_id=rid)
-            reply = TokenizeReply(rid, error=internal_error(exc))
-        await self.to_gateway.send(reply)
+            return TokenizeReply(rid, error=internal_error(exc))
 
-    def tokenize(self, req: TokenizeRequest) -> TokenizeReply:
+    def tokenize(self, req: TokenizeRequest, tokenizer: TextTokenizer) -> TokenizeReply:
         """The ids generation would run for this prompt or these messages (text only)."""
         if (req.prompt is None) == (req.messages is None):
             raise RequestInvalid("give exactly one of prompt or messages")
         if req.messages is not None:
             ids, sources = self._render_chat(
+                tokenizer,
                 req.messages,
                 req.add_generation_prompt,
                 req.continue_final_message,
@@ -128,12 +209,12 @@ class TokenizerActor(Stage):
                 )
         elif isinstance(req.prompt, str):
             add_special = req.add_special_tokens is not False
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=add_special)
+            ids = tokenizer.encode(req.prompt, add_special_tokens=add_special)
         else:
             raise RequestInvalid("prompt must be a string", param="prompt")
         strs = None
         if req.return_token_strs:
-            strs = [self.tokenizer.id_to_token(i) or "" for i in ids]
+            strs = [tokenizer.id_to_token(i) or "" for i in ids]
         return TokenizeReply(req.request_id, ids, strs, max_model_len=self.facts.max_model_len)
 
     def detokenize(self, req: DetokenizeRequest) -> TokenizeReply:
@@ -145,7 +226,9 @@ class TokenizerActor(Stage):
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         return TokenizeReply(req.request_id, text=text, max_model_len=self.facts.max_model_len)
 
-    def admit(self, req: GenerateRequest) -> EngineRequest | PendingImages:
+    def admit(
+        self, req: GenerateRequest, tokenizer: TextTokenizer
+    ) -> EngineRequest | PendingImages:
         """The request as the next stage takes it, or RequestInvalid."""
         param = admission.check_prompt_form(req)
         sp = req.sampling
@@ -161,6 +244,7 @@ class TokenizerActor(Stage):
         sources: list[str] = []
         if req.messages is not None:
             ids, sources = self._render_chat(
+                tokenizer,
                 req.messages,
                 req.add_generation_prompt,
                 req.continue_final_message,
@@ -169,7 +253,7 @@ class TokenizerActor(Stage):
                 req.chat_template,
             )
         elif req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
+            ids = tokenizer.encode(req.prompt, add_special_tokens=True)
         else:
             ids = list(req.prompt_token_ids or [])
         admission.check_prompt_ids(ids, self.facts.vocab_size, param)
@@ -195,6 +279,7 @@ class TokenizerActor(Stage):
 
     def _render_chat(
         self,
+        tokenizer: TextTokenizer,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
         continue_final_message: bool,
@@ -218,7 +303,7 @@ class TokenizerActor(Stage):
         if tools is not None:  # the request's tools win over a "tools" in chat_template_kwargs
             template_kwargs = {**template_kwargs, "tools": tools or None}
         try:
-            ids = self.tokenizer.encode_chat(
+            ids = tokenizer.encode_chat(
                 template_messages(messages, text_only=not accepts_images),
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,

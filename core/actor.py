@@ -1,7 +1,9 @@
 """The actor base class and the per-process entry point every stage runs under.
 
 A process runs one actor: `setup()` loads what it needs, then `run()` serves its mailboxes until
-SIGTERM/SIGINT cancels it; a heartbeat thread reports to the supervisor meanwhile.
+SIGTERM cancels it; a heartbeat thread reports to the supervisor meanwhile. SIGINT and SIGHUP are
+ignored: a Ctrl-C or a closed terminal reaches every process of the group, and the supervisor
+stops the stages in order (HTTP first, draining). An actor whose supervisor dies gets SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,7 @@ from core.codec import CodecError, encode
 from core.config import EngineConfig
 from core.control import ActorFailed, ActorReady, Heartbeat
 from core.logging import setup_logging
-from core.transport import Mailbox, Transport
+from core.transport import Mailbox, Transport, remove_ipc_file
 
 
 @dataclass
@@ -52,6 +55,11 @@ class Actor:
         self.wiring = wiring
         self.transport = Transport()
         self.log: structlog.stdlib.BoundLogger = setup_logging(spec.name, config.log_level)
+        self._parent = os.getppid()
+
+    def orphaned(self) -> bool:
+        """True when the supervisor is gone (killed): the rest of the engine is going too."""
+        return os.getppid() != self._parent
 
     async def setup(self) -> dict[str, Any]:
         return {}
@@ -99,33 +107,38 @@ async def _main(
     actor = actor_cls(spec, config, wiring)
     control = actor.transport.outbox(spec.control)
     stop_beat = threading.Event()
-    try:
-        async with anyio.create_task_group() as tg:
+    beat = threading.Thread(target=actor._heartbeat, args=(stop_beat,), daemon=True)
+    # The receiver stays open until the process ends: a second SIGTERM (the supervisor's after
+    # its death signal, say) must not find the default action and kill the clean-up below.
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async def on_signal() -> None:
                     async for _ in signals:
                         tg.cancel_scope.cancel()
-                        return
 
-            tg.start_soon(on_signal)
-            beat = threading.Thread(target=actor._heartbeat, args=(stop_beat,), daemon=True)
-            beat.start()
-            try:
-                info = await actor.setup()
-            except Exception as exc:
-                actor.log.error("setup failed", error=str(exc))
-                await control.send(
-                    ActorFailed(actor=actor.name, error=f"{type(exc).__name__}: {exc}")
-                )
-                await anyio.sleep(0.2)
-                raise SystemExit(3) from exc
-            await control.send(ActorReady(actor=actor.name, pid=os.getpid(), info=info))
-            await actor.run()
-            tg.cancel_scope.cancel()
-    finally:
-        stop_beat.set()
-        actor.transport.close()
+                tg.start_soon(on_signal)
+                beat.start()
+                try:
+                    info = await actor.setup()
+                except Exception as exc:
+                    actor.log.error("setup failed", error=str(exc))
+                    await control.send(
+                        ActorFailed(actor=actor.name, error=f"{type(exc).__name__}: {exc}")
+                    )
+                    await anyio.sleep(0.2)
+                    raise SystemExit(3) from exc
+                await control.send(ActorReady(actor=actor.name, pid=os.getpid(), info=info))
+                await actor.run()
+                tg.cancel_scope.cancel()
+        finally:
+            stop_beat.set()
+            if beat.is_alive():
+                beat.join(timeout=2)  # its socket closed: no thread is inside libzmq at exit
+            actor.transport.close()
+            if actor.orphaned():  # the supervisor was killed: its control socket is ours to clear
+                remove_ipc_file(spec.control)
 
 
 def _die_with_parent() -> None:
@@ -144,12 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     spec_file, name = argv
     _die_with_parent()
+    for sig in (signal.SIGINT, signal.SIGHUP):  # the supervisor stops this process (SIGTERM)
+        signal.signal(sig, signal.SIG_IGN)
     data = orjson.loads(open(spec_file, "rb").read())
     config = EngineConfig.from_json(orjson.dumps(data["config"]))
     wiring = data["wiring"]
     spec = ActorSpec(**data["actors"][name])
     module, cls_name = spec.target.split(":")
     actor_cls = getattr(importlib.import_module(module), cls_name)
+    code = 0
     try:
         anyio.run(
             _main,
@@ -162,6 +178,25 @@ def main(argv: list[str] | None = None) -> None:
         )
     except KeyboardInterrupt:
         pass
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without interpreter finalization: the actor has closed its sockets, and
+    native threads still alive at exit (torch's OpenMP and intra-op pools, the grammar masker's
+    workers, libzmq's I/O threads) must not meet C++ static destructors, which is how an executor
+    stopped mid-run died with "terminate called without an active exception" (exit -6)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ class _NoEffect(argparse.Action):
 
 # --tool-call-parser's values: the parsers of protocols/openai/tool_parsers.py
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+# --quantization: none reads the checkpoint as it is (quantized if its config says so); int8 /
+# int4 quantize at load; the rest (vLLM's names) insist on that checkpoint format (models/quant).
+QUANTIZATION_CHOICES = (
+    *("none", "int8", "int4"),
+    *("gptq", "awq", "compressed-tensors", "fp8", "gguf"),
+)
 
 # vLLM serving flags that change nothing here: (flags, takes a value, why).
 NO_EFFECT_FLAGS: list[tuple[list[str], bool, str]] = [
@@ -146,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` (default: $TESSERA_API_KEY, else none)",
     )
     p.add_argument(
+        "--public-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=d.public_metrics,
+        help="with --api-key, let /metrics answer without the key, as /health and /ping do "
+        "(default: off)",
+    )
+    p.add_argument(
         "--device",
         default=d.device,
         type=device_name,
@@ -161,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantization",
         "-q",
-        default=None,
-        help="only 'none': Tessera has no quantized kernels yet (default: none)",
+        default="none",
+        choices=QUANTIZATION_CHOICES,
+        type=str.lower,
+        help="none: the checkpoint as it is (quantized where config.json's quantization_config "
+        "says so; a GGUF file's blocks expanded to --dtype); int8 / int4: quantize the linears "
+        "left unquantized at load (weight-only; a GGUF file keeps its Q4_0/Q4_1 blocks); gguf: "
+        "keep them and nothing more; gptq, awq, compressed-tensors, fp8: insist on that "
+        "format (default: none)",
     )
     p.add_argument(
         "--max-model-len",
@@ -230,6 +249,30 @@ def build_parser() -> argparse.ArgumentParser:
         "answered 503; then everything stops (0: stop at once)",
     )
     p.add_argument(
+        "--restart-engine",
+        action=argparse.BooleanOptionalAction,
+        default=d.restart_engine,
+        help="when an executor, the scheduler or the gateway dies or freezes, fail the requests "
+        "in flight (503, Retry-After) and restart the engine behind the HTTP port; with "
+        "--no-restart-engine the server exits (code 1) instead",
+    )
+    p.add_argument(
+        "--request-timeout",
+        dest="request_timeout_s",
+        type=float,
+        default=d.request_timeout_s,
+        help="seconds a request may take from admission to its last token; a later one ends "
+        "with a 504 error (0: no limit)",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        dest="heartbeat_timeout_s",
+        type=float,
+        default=d.heartbeat_timeout_s,
+        help="seconds without a heartbeat after which a stage counts as frozen and is replaced "
+        "as if it had died",
+    )
+    p.add_argument(
         "--tensor-parallel-size",
         "-tp",
         type=int,
@@ -265,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=modality_limits,
         default={},
         help="most items of a modality in one request, as JSON: '{\"image\": 2}' "
-        "(default: no limit)",
+        "(default: 64 images)",
     )
+    _add_request_caps(p, d)
     p.add_argument(
         "--allowed-local-media-path",
         default=None,
@@ -354,6 +398,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_request_caps(p: argparse.ArgumentParser, d: EngineConfig) -> None:
+    """The caps a request must fit before any costly work is done for it (protocols/limits.py,
+    protocols/openai/gate.py)."""
+    p.add_argument(
+        "--max-num-queued-requests",
+        type=int,
+        default=d.max_num_queued_requests,
+        help="HTTP generation requests held beyond --max-num-seqs (waiting for the running "
+        "batch); one more is answered 429 with Retry-After before its body is read",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=human_readable_int,
+        default=d.max_request_body_bytes,
+        help="largest HTTP request body (e.g. 32M); a larger one is answered 413 "
+        "(default: 32M = 33554432, room for a 20 MiB image as a base64 data URL)",
+    )
+    p.add_argument(
+        "--max-request-headers",
+        type=int,
+        default=d.max_request_headers,
+        help="most HTTP header lines in a request; more are answered 431",
+    )
+    p.add_argument(
+        "--max-request-header-bytes",
+        type=human_readable_int,
+        default=d.max_request_header_bytes,
+        help="most bytes of HTTP header names and values together; more are answered 431",
+    )
+    p.add_argument(
+        "--request-body-timeout",
+        dest="request_body_timeout_s",
+        type=float,
+        default=d.request_body_timeout_s,
+        help="seconds a client has to send its whole request body; a slower one gets 408",
+    )
+    p.add_argument(
+        "--max-messages",
+        type=int,
+        default=d.max_messages,
+        help="most chat messages in one request; more is a 400",
+    )
+    p.add_argument(
+        "--max-prompt-chars",
+        type=human_readable_int,
+        default=d.max_prompt_chars,
+        help="most characters of prompt text in one request (all prompts, or the messages and "
+        "tool definitions), refused with a 400 before tokenizing",
+    )
+    p.add_argument(
+        "--max-n",
+        type=int,
+        default=d.max_n,
+        help="most choices per prompt a request may ask for (OpenAI's n)",
+    )
+    p.add_argument(
+        "--max-stop-strings",
+        type=int,
+        default=d.max_stop_strings,
+        help="most stop strings in one request",
+    )
+    p.add_argument(
+        "--max-stop-string-chars",
+        type=int,
+        default=d.max_stop_string_chars,
+        help="most characters of one stop string",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> EngineConfig:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
@@ -363,12 +476,8 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         if values["model"] and values["model"] != positional:
             parser.error(f"two models given: {positional!r} and --model {values['model']!r}")
         values["model"] = positional
-    quantization = values.pop("quantization")
-    if quantization is not None and quantization.lower() != "none":
-        parser.error(
-            f"--quantization {quantization}: Tessera has no quantized kernels yet (GGUF files "
-            "are dequantized when loaded); serve unquantized weights or drop the flag"
-        )
+    if values["quantization"] != "none" and values["tensor_parallel_size"] > 1:
+        parser.error("--quantization with --tensor-parallel-size > 1 is not supported yet")
     if values.pop("disable_log_stats"):
         values["log_stats_interval_s"] = 0.0
     if values["api_key"] is None:
@@ -392,6 +501,21 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     ):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in (
+        "max_request_body_bytes",
+        "max_request_headers",
+        "max_request_header_bytes",
+        "max_messages",
+        "max_prompt_chars",
+        "max_n",
+        "max_stop_string_chars",
+    ):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_num_queued_requests < 0 or cfg.max_stop_strings < 0:
+        parser.error("--max-num-queued-requests and --max-stop-strings must be at least 0")
+    if not cfg.request_body_timeout_s > 0:
+        parser.error("--request-body-timeout must be above 0")
     if cfg.max_model_len is not None and cfg.max_model_len < 1:
         parser.error("--max-model-len must be at least 1")
     if cfg.max_logprobs < -1:
@@ -400,6 +524,10 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
         parser.error("--memory-utilization must be in (0, 1]")
     if bool(cfg.ssl_keyfile) != bool(cfg.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
+    if cfg.request_timeout_s < 0:
+        parser.error("--request-timeout must be at least 0 (0: no limit)")
+    if not cfg.heartbeat_timeout_s > 2 * cfg.heartbeat_interval_s:
+        parser.error(f"--heartbeat-timeout must be above {2 * cfg.heartbeat_interval_s} s")
     if cfg.dtype in ("half",):
         cfg.dtype = "float16"
     elif cfg.dtype in ("float",):

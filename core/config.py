@@ -27,8 +27,10 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    public_metrics: bool = False  # with api_key: /metrics answers without it too
     device: str = "auto"  # auto | cpu | cuda | npu | tpu
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    quantization: str = "none"  # none | int8 | int4 (at load) | a checkpoint format (models/quant)
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -43,7 +45,18 @@ class EngineConfig:
     detokenizer_workers: int = 1
     image_workers: int = 1
     max_logprobs: int = 20  # most top logprobs a request may ask for; -1 = the vocabulary
-    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # {"image": 2}; {} = none
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # {"image": 2}; {} = 64
+    # Request caps, checked before any costly work (protocols/limits.py, protocols/openai/gate.py)
+    max_num_queued_requests: int = 1024  # HTTP generation requests beyond max_num_seqs; then 429
+    max_request_body_bytes: int = 32 << 20  # larger bodies get 413
+    max_request_headers: int = 100  # more header lines get 431
+    max_request_header_bytes: int = 16 << 10  # names and values together; more gets 431
+    request_body_timeout_s: float = 30.0  # a body not whole by then gets 408
+    max_messages: int = 2048  # chat messages per request
+    max_prompt_chars: int = 1_000_000  # prompt text characters per request (all prompts, messages)
+    max_n: int = 128  # choices per prompt (OpenAI's n)
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 1024
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
     threads: int | None = None  # torch intra-op threads on CPU
@@ -58,8 +71,10 @@ class EngineConfig:
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
     uvicorn_log_level: str = "warning"
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 3.0  # a stage silent this long is lost (frozen), as if it died
+    restart_engine: bool = True  # a lost executor, scheduler or gateway restarts the engine
+    request_timeout_s: float = 1800.0  # whole-request deadline at the gateway; 0 = none
     shutdown_timeout_s: float = 30.0  # SIGTERM: how long requests in flight may take to finish
     log_level: str = "info"
     log_stats_interval_s: float = 5.0

@@ -1,4 +1,4 @@
-"""Kernel control records: the supervisor's heartbeat, readiness and stop messages.
+"""Kernel control records: heartbeats, readiness, and the supervisor's notices of lost stages.
 
 These are the only records declared outside `protocols/messages.py`, because the kernel may not
 import `protocols/`; they carry nothing about requests.
@@ -31,3 +31,23 @@ class ActorReady(Record):
 class ActorFailed(Record):
     actor: str
     error: str
+
+
+@wire("actor_lost")
+@dataclass
+class ActorLost(Record):
+    """The supervisor's notice that an actor died or froze and is being replaced: whatever it
+    held for requests is gone (sent to the watchers, i.e. the gateway)."""
+
+    actor: str
+    why: str
+
+
+@wire("engine_down")
+@dataclass
+class EngineDown(Record):
+    """The supervisor's notice that an engine stage (executor, scheduler, gateway) was lost:
+    every request in flight is gone; the engine restarts (`restarting`) or stops."""
+
+    why: str
+    restarting: bool = True

@@ -1,7 +1,9 @@
 """The supervisor: starts every actor as its own process, watches heartbeats, stops them all.
 
 Stages start in groups (executors first, since their KV pool decides the engine's limits); what a
-group reports when ready is handed to the next. Stateless stages are restarted when they die.
+group reports when ready is handed to the next. A stateless stage that dies or freezes is restarted
+alone, and the watchers (the gateway) are told, so the requests it held fail at once; a lost engine
+stage fails every request in flight and restarts the engine (`--restart-engine`) or stops it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,8 +23,10 @@ import zmq
 from core.actor import ActorSpec
 from core.codec import CodecError, decode, encode
 from core.config import EngineConfig
-from core.control import ActorFailed, ActorReady, Heartbeat
+from core.control import ActorFailed, ActorLost, ActorReady, EngineDown, Heartbeat
+from core.liveness import Lost, RestartBudget, lost_actors
 from core.logging import setup_logging
+from core.run_dirs import make_run_dir
 
 
 @dataclass
@@ -32,17 +35,23 @@ class StageGroup:
 
     specs: list[ActorSpec]
     restartable: bool = False
+    stop_first: bool = False  # stopped before the others whatever its start place (the front)
+    outlives_engine: bool = False  # kept running when the engine restarts (the HTTP front)
 
 
 class EngineFailed(RuntimeError):
     pass
 
 
+NOTICE_GRACE_S = 0.3  # how long the gateway gets to fail its requests before the engine stops
+RESTART_STOP_S = 3.0  # SIGTERM to SIGKILL when the engine is stopped for a restart
+
+
 def prepare_run_dir(config: EngineConfig) -> bool:
     """Create the private (0700) run folder; True when this process made it (and removes it)."""
     owned = not config.run_dir
     if owned:
-        config.run_dir = tempfile.mkdtemp(prefix="tessera-")
+        config.run_dir = make_run_dir()  # removes the stale ones of killed launchers first
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
     os.chmod(config.run_dir, 0o700)
     return owned
@@ -50,7 +59,8 @@ def prepare_run_dir(config: EngineConfig) -> bool:
 
 class Supervisor:
     """Runs the application's actor groups. `wiring` (the application's address table) is opaque
-    here and handed to every actor; `notify_ready` addresses get one ActorReady when all are up."""
+    here and handed to every actor; `notify_ready` addresses (the watchers) get one ActorReady
+    when all are up, and the ActorLost / EngineDown notices while they run."""
 
     def __init__(
         self,
@@ -78,7 +88,9 @@ class Supervisor:
         self.specs: dict[str, ActorSpec] = {}
         self.restartable: set[str] = set()
         self.last_beat: dict[str, float] = {}
-        self.restarts: dict[str, int] = {}
+        self.budgets: dict[str, RestartBudget] = {}  # per restartable actor
+        self.engine_budget = RestartBudget()
+        self._watchers: list[zmq.Socket] = []
         self.ready_info: dict[str, Any] = {}
         self.stopping = False
         self.ctx = zmq.Context()
@@ -146,44 +158,115 @@ class Supervisor:
         """Start every group in order; returns the merged readiness info."""
         for group in self.groups:
             self._start_group(group)
-        for address in self.notify_ready:
-            notify = self.ctx.socket(zmq.PUSH)
-            notify.setsockopt(zmq.LINGER, 1000)
-            notify.connect(address)
-            notify.send_multipart(
-                encode(ActorReady(actor="supervisor", pid=os.getpid(), info=self.ready_info))
-            )
-            notify.close()
+        self._open_watchers()
+        self._notify(ActorReady(actor="supervisor", pid=os.getpid(), info=self.ready_info))
         return self.ready_info
 
+    def _open_watchers(self) -> None:
+        for address in self.notify_ready:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self._watchers.append(sock)
+
+    def _close_watchers(self) -> None:
+        """Unsent notices are dropped: they were for a gateway that is gone."""
+        for sock in self._watchers:
+            sock.close(linger=0)
+        self._watchers = []
+
+    def _notify(self, record: object) -> None:
+        for sock in self._watchers:
+            try:
+                sock.send_multipart(encode(record), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.log.warning("watcher not reachable", kind=type(record).__name__)
+
     def watch(self) -> int:
-        """Keep the engine alive until a signal or an unrecoverable death; returns an exit code."""
+        """Keep the engine alive until a signal or an unrecoverable loss; returns an exit code."""
         while not self.stopping:
             self._recv(timeout_s=0.5)
+            if self.stopping:
+                break
+            codes = {name: proc.poll() for name, proc in self.procs.items()}
             now = time.monotonic()
-            for name, proc in list(self.procs.items()):
-                code = proc.poll()
-                stale = now - self.last_beat.get(name, now) > self.config.heartbeat_timeout_s
-                if code is None and not stale:
-                    continue
-                why = f"exited with code {code}" if code is not None else "stopped heartbeating"
-                if name not in self.restartable or self.restarts.get(name, 0) >= 5:
-                    self.log.error("stage lost; shutting the engine down", name=name, why=why)
+            for lost in lost_actors(codes, self.last_beat, now, self.config.heartbeat_timeout_s):
+                if lost.name not in self.restartable:
+                    code = self._engine_lost(lost)
+                    if code is not None:
+                        return code
+                    break  # every process was replaced: look again
+                if not self.budgets.setdefault(lost.name, RestartBudget()).allow(now):
+                    self.log.error("stage keeps failing; stopping", name=lost.name, why=lost.why)
+                    self._notify(EngineDown(f"{lost.name} {lost.why}", restarting=False))
+                    time.sleep(NOTICE_GRACE_S)
                     return 1
-                self.log.warning("restarting stage", name=name, why=why)
-                if code is None:
-                    proc.kill()
-                    proc.wait()
-                self.restarts[name] = self.restarts.get(name, 0) + 1
-                self._spawn(name)
+                self.log.warning("restarting stage", name=lost.name, why=lost.why)
+                self._notify(ActorLost(lost.name, lost.why))
+                self._kill(lost.name)
+                self._spawn(lost.name)
         return 0
 
+    def _engine_lost(self, lost: Lost) -> int | None:
+        """An engine stage is gone: tell the gateway (it fails every request in flight), then
+        restart every group but the front (None) or give the exit code to stop with."""
+        restart = self.config.restart_engine and self.engine_budget.allow(time.monotonic())
+        why = f"{lost.name} {lost.why}"
+        self.log.error(
+            "engine stage lost; " + ("restarting the engine" if restart else "stopping"),
+            name=lost.name,
+            why=lost.why,
+        )
+        self._notify(EngineDown(why, restarting=restart))
+        time.sleep(NOTICE_GRACE_S)
+        if not restart:
+            return 1
+        self._close_watchers()
+        self._kill(lost.name)
+        groups = [g for g in self.groups if not g.outlives_engine]
+        for group in reversed(groups):
+            self._stop([s.name for s in group.specs], RESTART_STOP_S)
+        t0 = time.monotonic()
+        try:
+            for group in groups:
+                self._start_group(group)
+        except EngineFailed:
+            if self.stopping:
+                return 0
+            raise
+        self._open_watchers()
+        self._notify(ActorReady(actor="supervisor", pid=os.getpid(), info=self.ready_info))
+        self.log.warning("engine restarted", after=why, seconds=round(time.monotonic() - t0, 2))
+        return None
+
+    def _kill(self, name: str) -> None:
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def _stop(self, names: list[str], timeout_s: float) -> None:
+        """SIGTERM, then SIGKILL what is still running after `timeout_s`."""
+        procs = [self.procs[n] for n in names if n in self.procs]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def shutdown(self) -> None:
-        """Stop the groups in reverse start order, each before the next: the front (HTTP)
-        first, given --shutdown-timeout to let its requests finish while the engine behind
+        """Stop the groups in reverse start order, `stop_first` ones before all (each group
+        before the next): the front (HTTP) first, given --shutdown-timeout to let its requests finish while the engine behind
         it still runs them; then the stateless stages, the engine, the executors."""
         drain = max(0.0, self.config.shutdown_timeout_s) + 5
-        for i, group in enumerate(reversed(self.groups)):
+        order = [g for g in self.groups if g.stop_first]
+        order += [g for g in reversed(self.groups) if not g.stop_first]
+        for i, group in enumerate(order):
             procs = [self.procs[s.name] for s in group.specs if s.name in self.procs]
             for proc in procs:
                 if proc.poll() is None:
@@ -195,6 +278,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        self._close_watchers()
         self.control.close(linger=0)
         self.ctx.term()
         if self._own_run_dir:

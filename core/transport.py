@@ -14,12 +14,22 @@ import zmq.asyncio
 from core.codec import decode, encode
 
 
+def remove_ipc_file(address: str) -> None:
+    """Remove the socket file of an ipc:// address (nothing for tcp://, or a file gone)."""
+    if address.startswith("ipc://"):
+        try:
+            os.unlink(address[len("ipc://") :])
+        except FileNotFoundError:
+            pass
+
+
 class Transport:
     """Owns one asyncio ZMQ context per process and the sockets made from it."""
 
     def __init__(self) -> None:
         self.ctx = zmq.asyncio.Context()
         self._sockets: list[zmq.asyncio.Socket] = []
+        self._bound_paths: list[str] = []  # ipc socket files this process made (removed on close)
 
     def _socket(self, kind: int, address: str, bind: bool) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(kind)
@@ -31,6 +41,7 @@ class Transport:
                 path = address[len("ipc://") :]
                 if os.path.exists(path):
                     os.unlink(path)
+                self._bound_paths.append(path)
             sock.bind(address)
         else:
             sock.connect(address)
@@ -57,6 +68,8 @@ class Transport:
         for sock in self._sockets:
             sock.close(linger=0)
         self.ctx.term()
+        for path in self._bound_paths:  # no socket file outlives its process
+            remove_ipc_file("ipc://" + path)
 
 
 class Mailbox:

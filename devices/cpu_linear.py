@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from devices.cpu_quant import cpu_quantized_kernel
 from models.layers import GatedMLP
+from models.quant.linear import QuantizedLinear
 
 PACK_ROWS_HINT = 512  # oneDNN picks the packed layout for products of about this many rows
 
@@ -76,13 +78,21 @@ class FusedGatedMLP(nn.Module):
         return self.down_proj(hidden).view(*x.shape[:-1], -1)
 
 
+def _fusable(mlp: GatedMLP) -> bool:
+    gate_up = mlp.gate_up_proj
+    return type(gate_up) is nn.Linear and packing_supported(gate_up.weight.dtype)
+
+
 def pack_linears(model: nn.Module) -> None:
     """Give every nn.Linear and GatedMLP in `model` its packed CPU kernel, where oneDNN runs the
-    weight's dtype natively (others stay as they are). Call after the weights are loaded.
+    weight's dtype natively (others stay as they are), and every QuantizedLinear its quantized
+    kernel (devices/cpu_quant.py). Call after the weights are loaded.
 
     Idempotent: layers already replaced are not plain nn.Linear / GatedMLP and are left alone."""
     for name, child in list(model.named_children()):
-        if type(child) is GatedMLP and packing_supported(child.gate_up_proj.weight.dtype):
+        if isinstance(child, QuantizedLinear):
+            setattr(model, name, cpu_quantized_kernel(child))
+        elif type(child) is GatedMLP and _fusable(child):
             setattr(model, name, FusedGatedMLP(child))
         elif type(child) is nn.Linear and packing_supported(child.weight.dtype):
             setattr(model, name, PackedLinear(child))

@@ -118,7 +118,10 @@ class Decoder(nn.Module):
             if len(parts) >= 2 and parts[-2] in FUSED_SHARDS:
                 fused, shard = FUSED_SHARDS[parts[-2]]
                 name = ".".join([*parts[:-2], fused, parts[-1]])
-                target = self._shard(params[name], fused, shard)
+                if parts[-1] == "input_perm":  # act-order: one input permutation for all shards
+                    target = self._same_input_perm(params[name], tensor, name in loaded)
+                else:
+                    target = self._shard(params[name], fused, shard)
             elif name in params:
                 target = params[name]
             else:
@@ -128,6 +131,13 @@ class Decoder(nn.Module):
             target.copy_(tensor)
             loaded.add(name)
         return loaded
+
+    @staticmethod
+    def _same_input_perm(param: torch.Tensor, perm: torch.Tensor, seen: bool) -> torch.Tensor:
+        """GPTQ act-order orders the inputs of q/k/v (gate/up) alike: they read the same x."""
+        if seen and not torch.equal(param, perm.to(param.device)):
+            raise ValueError("fused projections with different act-order input permutations")
+        return param
 
     def _shard(self, param: torch.Tensor, fused: str, shard: int) -> torch.Tensor:
         c = self.config

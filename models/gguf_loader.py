@@ -1,4 +1,5 @@
-"""Loads a llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantised to HF names/shapes.
+"""Loads a llama.cpp GGUF file: metadata -> ModelConfig, tensors to HF names/shapes, Q4_0 / Q4_1
+linears kept quantized (models/quant/gguf.py) and every other type dequantised to the run dtype.
 Called by models.loader.load_model when the model path ends in .gguf."""
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from gguf.quants import dequantize
 from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from models.decoder import Decoder
 from models.parallel import TensorParallel, rank_config, shard_weights
+from models.quant.formats import module_path
+from models.quant.gguf import KEPT_TYPES, canonical, q4_blocks
+from models.quant.spec import QuantSpec, install
 from models.weights import build_empty, finish_loading
+
+GGUF_Q4 = QuantSpec("gguf", bits=4, group_size=32, symmetric=False)
 
 # llama.cpp tensor name -> HF tensor name ({n} is the layer index).
 GGUF_TO_HF: dict[str, str] = {
@@ -83,19 +89,45 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+def kept_quantized(reader: GGUFReader) -> set[str]:
+    """Our linear modules whose every GGUF shard is Q4_0 / Q4_1 (kept as int4 groups)."""
+    types: dict[str, set[bool]] = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name.endswith(".weight") and ("layers." in name or name == "lm_head.weight"):
+            if name.endswith("layernorm.weight"):
+                continue
+            types.setdefault(module_path(name.removesuffix(".weight")), set()).add(
+                tensor.tensor_type in KEPT_TYPES
+            )
+    return {path for path, kept in types.items() if kept == {True}}
+
+
 def iter_gguf_tensors(
-    reader: GGUFReader, config: ModelConfig
+    reader: GGUFReader, config: ModelConfig, kept: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors; a weight of a module in `kept` comes as QuantizedLinear's tensors
+    (`<module>.qweight`, `.scales`, `.offsets`) instead of `<module>.weight`."""
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         # GGUF lists dims fastest-first; HF shape is the reverse.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        quantized = name.endswith(".weight") and module_path(name.removesuffix(".weight")) in kept
+        arrays: tuple[np.ndarray, ...]
+        if quantized:
+            arrays = q4_blocks(tensor.data, tensor.tensor_type, shape[0], shape[1])
+        else:
+            arrays = (dequantize(tensor.data, tensor.tensor_type).reshape(shape),)
         if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_qk(w, config.num_heads)
+            arrays = tuple(unpermute_qk(a, config.num_heads) for a in arrays)
         elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_qk(w, config.num_kv_heads)
-        w = np.ascontiguousarray(w, dtype=np.float32)
+            arrays = tuple(unpermute_qk(a, config.num_kv_heads) for a in arrays)
+        if quantized:
+            prefix = name.removesuffix(".weight")
+            for part, value in canonical(*arrays).items():
+                yield f"{prefix}.{part}", value
+            continue
+        w = np.ascontiguousarray(arrays[0], dtype=np.float32)
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
 
 
@@ -104,11 +136,18 @@ def gguf_file_config(path: str) -> ModelConfig:
 
 
 def load_gguf_model(
-    path: str, device: torch.device, dtype: torch.dtype, tp: TensorParallel | None = None
+    path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TensorParallel | None = None,
+    keep_quantized: bool = False,
 ) -> Decoder:
+    """The model of a .gguf file; Q4_0 / Q4_1 linears stay int4 unless not `keep_quantized`."""
     tp = tp or TensorParallel()
     reader = GGUFReader(path)
     config = gguf_config(reader)
     model = build_empty(rank_config(config, tp), device, dtype, tp)
-    loaded = model.load_weights(shard_weights(iter_gguf_tensors(reader, config), config, tp))
-    return finish_loading(model, loaded, path)
+    kept = frozenset(kept_quantized(reader) if keep_quantized and tp.size == 1 else ())
+    install(model, GGUF_Q4, sorted(kept))
+    weights = shard_weights(iter_gguf_tensors(reader, config, kept), config, tp)
+    return finish_loading(model, model.load_weights(weights), path)

@@ -18,6 +18,10 @@ from tokenizers import (
 
 from models.chat_template import render_chat_template
 
+# Texts this long are encoded through encode_batch, which releases the GIL while the Rust code
+# runs (encode holds it): a stage that tokenizes a long prompt on a worker thread keeps serving.
+GIL_FREE_CHARS = 4096
+
 
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens and chat template that go with it."""
@@ -72,7 +76,12 @@ class TextTokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._encoding(text, add_special_tokens).ids
+
+    def _encoding(self, text: str, add_special_tokens: bool) -> Encoding:
+        if len(text) >= GIL_FREE_CHARS:
+            return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -163,7 +172,7 @@ class TextTokenizer:
                 piece = piece if special else hidden.restore(piece)
                 if piece:
                     self.hf.encode_special_tokens = not special
-                    encodings.append(self.hf.encode(piece, add_special_tokens=False))
+                    encodings.append(self._encoding(piece, add_special_tokens=False))
         finally:
             self.hf.encode_special_tokens = kept
         merged = Encoding.merge(encodings, growing_offsets=True)

@@ -2,6 +2,10 @@
 
 `AsyncEngineClient` is what the HTTP adapter and async programs use; `EngineClient` wraps it for
 plain synchronous code. Both speak the one wire protocol in protocols/messages.py.
+
+A client pings the gateway twice a second (protocols/link_watch.py): when the gateway stops
+answering (it died, froze, or the engine is restarting), every request in flight ends with a 503
+error and new ones are refused at once, until the gateway answers again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from core.codec import CodecError, decode, encode
+from protocols.link_watch import LinkWatch
 from protocols.messages import (
     AbortRequest,
     DetokenizeRequest,
@@ -40,6 +45,16 @@ class EngineError(RuntimeError):
         self.error = error
 
 
+def unreachable() -> ErrorInfo:
+    """The error of a request the client ended because the gateway stopped answering."""
+    return ErrorInfo(
+        "the engine does not answer (it stopped or is restarting); retry shortly",
+        "ServiceUnavailableError",
+        None,
+        503,
+    )
+
+
 class AsyncEngineClient:
     """One DEALER socket to the gateway; replies are demultiplexed by request id."""
 
@@ -50,16 +65,70 @@ class AsyncEngineClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.queues: dict[str, asyncio.Queue[Any]] = {}  # request id -> its outputs or reply
+        self.kinds: dict[str, type] = {}  # request id -> the record type its queue waits for
+        self.link = LinkWatch()
+        self._failed_here: set[str] = set()  # ended by a lost link: abort them once sent
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
 
     def _ensure_reader(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = loop.create_task(self._read())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch())
+
+    @property
+    def link_down(self) -> bool:
+        """True while the gateway does not answer (see protocols/link_watch.py)."""
+        return self.link.down
+
+    async def _watch(self) -> None:
+        """Ping the gateway; end every request in flight when it stops answering."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.link.interval_s / 2)
+            now = loop.time()
+            if self.link.ping_due(now):
+                try:
+                    ping = encode(HealthRequest("ping-" + uuid.uuid4().hex))
+                    self.sock.send_multipart(ping, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                self.link.pinged(now)
+            if await self.sock.poll(0):
+                continue  # an answer is waiting: this loop was only slow to read it
+            if self.link.lapsed(now):
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        error = unreachable()
+        for rid, q in list(self.queues.items()):
+            kind = self.kinds.get(rid)
+            if kind is RequestOutput:
+                self._failed_here.add(rid)
+                q.put_nowait(RequestOutput(rid, finish_reason="error", error=error))
+            elif kind is TokenizeReply:
+                q.put_nowait(TokenizeReply(rid, error=error))
+            elif kind is HealthReply:
+                q.put_nowait(HealthReply(rid, ready=False))
+
+    def _open(self, rid: str, kind: type) -> asyncio.Queue[Any]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self.queues[rid] = q
+        self.kinds[rid] = kind
+        return q
+
+    def _close(self, rid: str) -> None:
+        self.queues.pop(rid, None)
+        self.kinds.pop(rid, None)
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             frames = await self.sock.recv_multipart(copy=False)
+            self.link.heard(loop.time())
             try:
                 record = decode(frames)
             except CodecError:
@@ -82,8 +151,10 @@ class AsyncEngineClient:
         """Yield output increments; the last one has `finish_reason`. Closing early aborts."""
         self._ensure_reader()
         rid = request.request_id
-        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.queues[rid] = q
+        if self.link.down:
+            yield RequestOutput(rid, finish_reason="error", error=unreachable())
+            return
+        q = self._open(rid, RequestOutput)
         finished = False
         try:
             await self._send(request)
@@ -94,8 +165,9 @@ class AsyncEngineClient:
                 if finished:
                     return
         finally:
-            self.queues.pop(rid, None)
-            if not finished:
+            self._close(rid)
+            if not finished or rid in self._failed_here:
+                self._failed_here.discard(rid)
                 await asyncio.shield(self._send(AbortRequest(rid)))
 
     async def abort(self, request_id: str) -> None:
@@ -108,13 +180,14 @@ class AsyncEngineClient:
     async def health(self, timeout: float = 5.0) -> HealthReply:
         self._ensure_reader()
         rid = "health-" + uuid.uuid4().hex
-        q: asyncio.Queue[HealthReply] = asyncio.Queue()
-        self.queues[rid] = q
+        if self.link.down:
+            return HealthReply(rid, ready=False)
+        q = self._open(rid, HealthReply)
         try:
             await self._send(HealthRequest(rid))
             return await asyncio.wait_for(q.get(), timeout)
         finally:
-            self.queues.pop(rid, None)
+            self._close(rid)
 
     async def tokenize(
         self, request: TokenizeRequest | DetokenizeRequest, timeout: float = 60.0
@@ -122,13 +195,15 @@ class AsyncEngineClient:
         """Token ids of a prompt or chat messages (TokenizeRequest), or the text of token ids
         (DetokenizeRequest), from the engine's own tokenizer; a refusal is in `reply.error`."""
         self._ensure_reader()
-        q: asyncio.Queue[TokenizeReply] = asyncio.Queue()
-        self.queues[request.request_id] = q
+        rid = request.request_id
+        if self.link.down:
+            return TokenizeReply(rid, error=unreachable())
+        q = self._open(rid, TokenizeReply)
         try:
             await self._send(request)
             return await asyncio.wait_for(q.get(), timeout)
         finally:
-            self.queues.pop(request.request_id, None)
+            self._close(rid)
 
     async def wait_ready(self, timeout: float = 300.0) -> HealthReply:
         loop = asyncio.get_running_loop()
@@ -168,8 +243,9 @@ class AsyncEngineClient:
         return merged
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
         self.sock.close(linger=0)
         self.ctx.term()
 

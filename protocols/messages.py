@@ -342,6 +342,17 @@ class RequestError(Record):
     error: ErrorInfo
 
 
+@wire("request_moved")
+@dataclass
+class RequestMoved(Record):
+    """A stage took a request in (image stage: hop "images", scheduler: hop "engine" -> the
+    gateway). The gateway's table (actors/request_table.py) learns from it which stage holds the
+    request, so the death of a stage fails the requests it held and leaves the others be."""
+
+    request_id: str
+    hop: str
+
+
 @dataclass
 class ScheduledSequence:
     """One request's share of a step: which of its tokens to run and where their KV lives.

@@ -18,7 +18,9 @@ class Stage(Actor):
     def __init__(self, spec: ActorSpec, config: EngineConfig, wiring: dict[str, Any]) -> None:
         super().__init__(spec, config, wiring)
         self.addresses = Addresses.from_dict(wiring)
-        self._facts = EngineFacts.from_info(spec.ready_info) if spec.ready_info else None
+        # the executors report the facts; stages started before them (HTTP) see none
+        known = "max_model_len" in spec.ready_info
+        self._facts = EngineFacts.from_info(spec.ready_info) if known else None
 
     @property
     def facts(self) -> EngineFacts:

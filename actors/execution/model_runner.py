@@ -4,6 +4,7 @@ The executor stage hands it each StepPlan (and image pixels); it runs the forwar
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import torch
 
@@ -21,6 +22,7 @@ from models.grammar import Constraint, grammar_tokenizer
 from models.loader import load_model, model_config
 from models.mrope import mrope_positions
 from models.parallel import TensorParallel, widest_rank_kv_heads
+from models.quant.spec import weight_bytes
 from models.qwen2_5_vl import Qwen2_5_VLModel
 from models.sampler import SamplingBatch, sample
 from protocols.messages import (
@@ -61,7 +63,8 @@ class ModelRunner:
         """Prepares `model` (as load_model returns it) for `platform`, allocates the KV pool
         and, unless `enforce_eager`, records decode steps of up to max_num_seqs sequences where
         the platform records graphs and reads the cache in place (CUDA)."""
-        platform.prepare_model(model)  # CPU: fp32 linears packed for oneDNN
+        self.weight_bytes = weight_bytes(model)  # as checkpointed or quantized, before repacking
+        platform.prepare_model(model)  # CPU: linears packed for oneDNN, quantized kernels
         if isinstance(model, Qwen2_5_VLModel) and not enforce_eager:
             model.visual.use_compiler(platform.compile)  # fused elementwise steps per image
         self.model = model
@@ -97,6 +100,7 @@ class ModelRunner:
                 mrope=self.uses_mrope,
             )
         self.tokenizer = tokenizer  # where structured outputs read the vocabulary from
+        self.kv_bytes = sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
         self.requests: dict[str, SequenceState] = {}
         self.prompt_logprobs: list[PromptLogprobs] = []  # since the last take_prompt_logprobs
         self.pixels = PixelStore()
@@ -115,14 +119,17 @@ class ModelRunner:
         enforce_eager: bool = False,
         tp: TensorParallel | None = None,
         tokenizer: str | None = None,
+        quantization: str = "none",
     ) -> ModelRunner:
         """Loads the checkpoint onto `platform`'s device for `rank` and sizes the KV pool in what
-        memory is left (see kv_pool.size_kv_pool). dtype "auto": the platform's default. With
-        `tp`, this rank's share of the weights and of the KV heads (models/parallel.py)."""
+        memory is left (see kv_pool.size_kv_pool), so after the weights, quantized ones at their
+        quantized size. dtype "auto": the platform's default. With `tp`, this rank's share of the
+        weights and of the KV heads (models/parallel.py). `quantization`: see models/loader."""
         limits = limits or KVLimits()
         device = platform.torch_device(rank)
         torch_dtype = DTYPES[dtype] if dtype in DTYPES else platform.default_dtype()
-        model = load_model(model_path, device, torch_dtype, tp)
+        model = load_model(model_path, device, torch_dtype, tp, quantization)
+        gc.collect()  # dense weights replaced by quantized ones are freed before memory is read
         config = model.config
         if tp is not None and tp.size > 1:  # every rank the same blocks: sized for the widest
             kv_heads = widest_rank_kv_heads(model_config(model_path), tp.size)

@@ -14,7 +14,12 @@ from core.cli import parse_args
 from core.config import EngineConfig
 from core.launch.addresses import make_addresses
 from core.launch.default_model import resolve_model
-from core.launch.preflight import check_model_files, check_port
+from core.launch.preflight import (
+    check_max_model_len,
+    check_model_files,
+    check_named_files,
+    check_port,
+)
 from core.launch.topology import topology
 from core.supervisor import EngineFailed, Supervisor, prepare_run_dir
 
@@ -28,6 +33,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 def run(config: EngineConfig) -> int:
     resolve_model(config)
     check_model_files(config)
+    check_max_model_len(config)
+    check_named_files(config)
     check_port(config)
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
@@ -54,6 +61,7 @@ def run(config: EngineConfig) -> int:
         sup.log.info("vLLM flag accepted; it has no effect here", flag=flag)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
+    signal.signal(signal.SIGHUP, sup.request_stop)  # a closed terminal stops cleanly too
     front_file = os.path.join(config.run_dir, "front")  # where SDK clients find the front door
     code = 0
     try:

@@ -11,8 +11,9 @@ from core.supervisor import StageGroup
 
 
 def topology(config: EngineConfig) -> list[StageGroup]:
-    """Executors first (their KV pool decides the engine facts), then scheduler and gateway, then
-    the stateless stages, then the HTTP adapter."""
+    """The HTTP adapter first (it binds its port at once and answers 503 while the rest start;
+    it is stopped first too), then the executors (their KV pool decides the engine facts), then
+    scheduler and gateway, then the stateless stages."""
     executors = [
         ActorSpec(f"executor{r}", "actors.executor:ExecutorActor", index=r)
         for r in range(config.tensor_parallel_size)
@@ -35,9 +36,18 @@ def topology(config: EngineConfig) -> list[StageGroup]:
     ]
     groups = [StageGroup(executors), StageGroup(engine), StageGroup(stateless, restartable=True)]
     if config.http:
-        groups.append(
-            StageGroup(
-                [ActorSpec("http", "protocols.openai.server:OpenAIServerActor")], restartable=True
-            )
+        http = ActorSpec("http", "protocols.openai.server:OpenAIServerActor")
+        groups.insert(
+            0, StageGroup([http], restartable=True, stop_first=True, outlives_engine=True)
         )
     return groups
+
+
+def stage_of(actor: str) -> tuple[str, int] | None:
+    """(stage, replica index) of a replicated stateless actor named here ("tokenizer", "images"
+    or "detokenizer"); None for any other actor."""
+    for stage in ("tokenizer", "images", "detokenizer"):
+        index = actor.removeprefix(stage)
+        if index != actor and index.isdigit():
+            return stage, int(index)
+    return None

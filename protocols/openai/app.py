@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.config import EngineConfig
+from protocols.limits import RequestLimits
 from protocols.messages import (
     DetokenizeRequest,
     EngineFacts,
@@ -35,8 +36,10 @@ from protocols.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-from protocols.openai import convert
+from protocols.openai import caps, convert
 from protocols.openai.convert import Collected, Echo, OpenAIError, error_body
+from protocols.openai.drain import RETRY_AFTER_S
+from protocols.openai.gate import RequestGate
 from protocols.openai.responses import (
     ResponseEvents,
     ResponsesRequest,
@@ -75,7 +78,10 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 def error_response(info: ErrorInfo) -> Response:
     status = info.code if 400 <= info.code < 600 else 500
-    return json_response(error_body(info), status)
+    response = json_response(error_body(info), status)
+    if status == 503:  # a stage was lost or the engine is restarting: worth a retry
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -101,9 +107,10 @@ class ApiKeyGuard:
     `Authorization: Bearer KEY` (the API, /tokenize, /metrics, /docs, /openapi.json, unknown
     paths alike), answered 401 in OpenAI's error shape."""
 
-    def __init__(self, app: Any, api_key: str) -> None:
+    def __init__(self, app: Any, api_key: str, public: tuple[str, ...] = UNGUARDED_PATHS) -> None:
         self.app = app
         self.key = api_key.encode()
+        self.public = public
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or self._public(scope) or self._authorized(scope):
@@ -117,12 +124,11 @@ class ApiKeyGuard:
         )
         await error_response(info)(scope, receive, send)
 
-    @staticmethod
-    def _public(scope: Any) -> bool:
+    def _public(self, scope: Any) -> bool:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        return path.rstrip("/") in UNGUARDED_PATHS
+        return path.rstrip("/") in self.public
 
     def _authorized(self, scope: Any) -> bool:
         given = b""
@@ -235,9 +241,12 @@ def build_app(
     except PackageNotFoundError:
         tessera_version = "0.0.0+unknown"
 
+    limits = RequestLimits.of(config)
     app = FastAPI(title="Tessera", version=tessera_version, root_path=config.root_path)
+    app.add_middleware(RequestGate, config=config)  # innermost: after CORS and the API key
     if config.api_key:  # added before CORS, so CORS (outermost) answers preflights and 401s too
-        app.add_middleware(ApiKeyGuard, api_key=config.api_key)
+        public = UNGUARDED_PATHS + (("/metrics",) if config.public_metrics else ())
+        app.add_middleware(ApiKeyGuard, api_key=config.api_key, public=public)
     if config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -286,6 +295,10 @@ def build_app(
                 pass
         return engine
 
+    async def max_model_len() -> int | None:
+        facts = await engine_facts()
+        return facts.max_model_len if facts else config.max_model_len
+
     async def generate(
         gens: list[GenerateRequest],
         request: Request,
@@ -324,6 +337,7 @@ def build_app(
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
+        caps.check_chat(body, limits, await max_model_len())
         rid = uuid.uuid4().hex
         gens = convert.chat_requests(body, rid, defaults)
         parser = convert.tool_parser_for(
@@ -359,6 +373,7 @@ def build_app(
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         model = convert.resolve_model(body.model, served)
+        caps.check_completion(body, limits, await max_model_len())
         rid = uuid.uuid4().hex
         gens = convert.completion_requests(body, rid, defaults)
         n = convert.choices_per_prompt(body)
@@ -412,7 +427,9 @@ def build_app(
         """OpenAI's Responses API, stateless, over the chat path (protocols/openai/responses.py)."""
         model = convert.resolve_model(body.model, served)
         response_id, item_id = new_response_ids()
-        gens = convert.chat_requests(chat_body(body), response_id, defaults)
+        chat = chat_body(body)
+        caps.check_chat(chat, limits, await max_model_len())
+        gens = convert.chat_requests(chat, response_id, defaults)
         created = int(time.time())
         renderer = ResponseEvents(
             response_id, created, model, False, None, item_id=item_id, metadata=body.metadata
@@ -473,6 +490,7 @@ def build_app(
         """vLLM's /tokenize: the prompt's or the messages' token ids, as generation makes them."""
         body = await _tokenize_body(request)
         convert.resolve_model(body.model, served)
+        caps.check_tokenize(body, limits)
         record = convert.tokenize_request(body, "tok-" + uuid.uuid4().hex)
         return json_response(convert.tokenize_response(await tokenizer_reply(record)))
 

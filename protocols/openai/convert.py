@@ -130,14 +130,12 @@ def _sampling(
     )
 
 
-MAX_N = 128  # choices per prompt; each is a request of its own in the engine
-
-
 def choices_per_prompt(req: SamplingFields) -> int:
-    """OpenAI's `n`: how many choices each prompt gets."""
+    """OpenAI's `n`: how many choices each prompt gets (its upper cap, --max-n, is checked
+    before conversion: protocols/limits.py)."""
     n = 1 if req.n is None else req.n
-    if not 1 <= n <= MAX_N:
-        raise OpenAIError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    if n < 1:
+        raise OpenAIError(f"n must be at least 1, got {n}", param="n")
     return n
 
 

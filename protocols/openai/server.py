@@ -1,6 +1,7 @@
 """The actor that serves the OpenAI-compatible HTTP API with uvicorn inside its own event loop.
 
-Front door of the HTTP path: it binds the port in `setup`, then each request becomes an
+Front door of the HTTP path: it starts first and binds the port in `setup`, answering 503 while
+the engine behind it starts (protocols/openai/readiness.py); then each request becomes an
 AsyncEngineClient call to the gateway (`addresses.front`).
 """
 
@@ -21,8 +22,10 @@ from protocols.client import AsyncEngineClient
 from protocols.openai.app import build_app
 from protocols.openai.drain import DrainGuard
 from protocols.openai.generation_config import sampling_defaults
+from protocols.openai.readiness import StartupGate
 from protocols.stage import Stage
 
+HEADER_SLACK_BYTES = 8192  # request line and header syntax beyond the names and values
 STOP_GRACE_S = 3  # whole seconds: uvicorn's timeout_graceful_shutdown is an int
 
 
@@ -59,7 +62,8 @@ class OpenAIServerActor(Stage):
             )
         self.client = AsyncEngineClient(self.addresses.front)
         self.app = build_app(self.client, self.config, defaults)
-        self.guard = DrainGuard(self.app)  # outermost: counts and, on shutdown, refuses
+        self.startup = StartupGate(self.app)  # 503 until the engine reports ready
+        self.guard = DrainGuard(self.startup)  # outermost: counts and, on shutdown, refuses
         self.sock = bind(self.config.host, self.config.port)
         port = self.sock.getsockname()[1]
         c = self.config
@@ -73,6 +77,8 @@ class OpenAIServerActor(Stage):
             root_path=c.root_path,
             ssl_keyfile=c.ssl_keyfile,
             ssl_certfile=c.ssl_certfile,
+            # h11 stops an oversized header block as it arrives; RequestGate words the 431
+            h11_max_incomplete_event_size=c.max_request_header_bytes + HEADER_SLACK_BYTES,
         )
         config.load()  # now, so a bad TLS key or certificate fails the start, not the first request
         self.server = EmbeddedServer(config)
@@ -82,10 +88,12 @@ class OpenAIServerActor(Stage):
 
     async def run(self) -> None:
         serving = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
+        watching = asyncio.ensure_future(self.startup.watch(self.client))
         try:
             await asyncio.wait({serving})  # ends only if uvicorn stops by itself
             serving.result()
         finally:
+            watching.cancel()
             drain = max(0.0, self.config.shutdown_timeout_s)
             with anyio.move_on_after(drain + STOP_GRACE_S + 2, shield=True):
                 await self._drain(serving, drain)
@@ -96,7 +104,7 @@ class OpenAIServerActor(Stage):
 
     async def _drain(self, serving: asyncio.Future[None], seconds: float) -> None:
         """Answer new requests 503 while those in flight finish, for up to `seconds`."""
-        if seconds <= 0 or serving.done():
+        if seconds <= 0 or serving.done() or self.orphaned():  # orphaned: no engine to wait on
             return
         self.guard.draining = True
         self.log.info("draining", requests=self.guard.in_flight, timeout_s=seconds)

@@ -22,7 +22,7 @@ from core.actor import ActorSpec
 from core.config import EngineConfig
 from core.launch.addresses import make_addresses
 from core.transport import Mailbox, Outbox, Transport
-from protocols.messages import EngineFacts
+from protocols.messages import EngineFacts, RequestMoved
 from protocols.stage import Stage
 from tests.fixtures.checkpoints import QWEN_EOS, QWEN_VOCAB, tokenizer_dir
 from tests.fixtures.vl_checkpoint import IMAGE_TOKEN_ID, PREPROCESSOR, QWEN25VL_CHAT_TEMPLATE
@@ -74,8 +74,12 @@ class Peers:
     actors: dict[str, Stage]
 
     async def next(self, box: Mailbox) -> Any:
+        """The next record, past the gateway's bookkeeping notices (RequestMoved)."""
         with anyio.fail_after(RECV_LIMIT_S):
-            return await box.recv()
+            while True:
+                record = await box.recv()
+                if not isinstance(record, RequestMoved):
+                    return record
 
 
 @asynccontextmanager

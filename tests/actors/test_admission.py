@@ -224,7 +224,8 @@ def test_every_openai_role_is_accepted_and_others_are_named() -> None:
 
 def test_images_beyond_the_servers_limit_are_refused() -> None:
     admission.check_image_count(2, {"image": 2})
-    admission.check_image_count(9, {})  # no --limit-mm-per-prompt: no limit
+    admission.check_image_count(64, {})  # no --limit-mm-per-prompt: 64
+    refused("messages", admission.check_image_count, 65, {})
     admission.check_image_count(9, {"video": 0})
     message = refused("messages", admission.check_image_count, 3, {"image": 2})
     assert message.startswith("At most 2 image(s) may be provided in one prompt")

@@ -19,6 +19,7 @@ from protocols.messages import (
     EngineFacts,
     EngineRequest,
     RequestError,
+    RequestMoved,
     SampledToken,
     SamplingParams,
     StepPlan,
@@ -155,6 +156,8 @@ def test_failed_step_ends_its_requests_with_a_500(tmp_path: Path) -> None:
 
     async def body(peers: Peers) -> None:
         await peers.scheduler.send(request(rid, max_tokens=8))
+        moved = await peers.gateway.recv()  # the gateway learns the request is in the engine
+        assert moved == RequestMoved(rid, "engine")
         plan1, plan2 = await peers.plan(), await peers.plan()
         await peers.results.send(StepResult(plan1.step_id, [], error="RuntimeError: boom"))
         err = await peers.gateway.recv()

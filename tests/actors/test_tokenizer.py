@@ -253,3 +253,50 @@ def test_tokenizer_flag_loads_another_folder_with_its_template(tmp_path: Path) -
         assert (await peers.next(peers.gateway)).token_ids == want
 
     run(tmp_path, body, images=False, tokenizer=str(other))
+
+
+BIG_TEXT = "the long grey road and the sea " * 13_000  # ~400k characters: ~0.4 s to encode
+
+
+def said(rid: str, text: str) -> GenerateRequest:
+    return GenerateRequest(rid, SamplingParams(), messages=[{"role": "user", "content": text}])
+
+
+def test_a_huge_prompt_is_tokenized_aside_while_short_ones_go_on(tmp_path: Path) -> None:
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(said("big", BIG_TEXT))
+        await peers.to_tokenizer.send(chat("small", max_tokens=2))
+        assert (await peers.next(peers.scheduler)).request_id == "small"
+        err = await peers.next(peers.gateway)  # then the big one, over the context length
+        assert err.request_id == "big" and "maximum context length" in err.error.message
+
+    run(tmp_path, body)
+
+
+def test_an_abort_ends_a_request_still_being_tokenized_aside(tmp_path: Path) -> None:
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(said("gone", BIG_TEXT))
+        await peers.to_tokenizer.send(AbortRequest("gone"))
+        await peers.to_tokenizer.send(said("marker", BIG_TEXT))  # after "gone" on the worker
+        err = await peers.next(peers.gateway)
+        assert err.request_id == "marker"  # "gone" was dropped, not refused or sent on
+
+    run(tmp_path, body)
+
+
+def test_sdk_requests_meet_the_size_caps_before_tokenizing(tmp_path: Path) -> None:
+    async def body(peers: Peers) -> None:
+        await peers.to_tokenizer.send(GenerateRequest("long", SamplingParams(), prompt="x" * 101))
+        many = [{"role": "user", "content": "hi"}] * 3
+        await peers.to_tokenizer.send(GenerateRequest("many", SamplingParams(), messages=many))
+        stops = SamplingParams(stop=["a"] * 65)
+        await peers.to_tokenizer.send(GenerateRequest("stops", stops, prompt="hi"))
+        errors = [await peers.next(peers.gateway) for _ in range(3)]
+        assert [(e.request_id, e.error.param) for e in errors] == [
+            ("long", "prompt"),
+            ("many", "messages"),
+            ("stops", "stop"),
+        ]
+        assert "--max-prompt-chars" in errors[0].error.message
+
+    run(tmp_path, body, max_prompt_chars=100, max_messages=2)

@@ -158,9 +158,13 @@ def test_generation_config_is_auto_vllm_or_a_folder_with_the_file(
     assert "generation_config.json" in message
 
 
-def test_quantization_is_refused_with_a_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "no quantized kernels" in refused(["--quantization", "awq"], capsys)
-    assert "no quantized kernels" in refused(["-q", "fp8"], capsys)
+def test_quantization_names_a_method_or_a_format(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args([]).quantization == "none"
+    assert parse_args(["--quantization", "INT4"]).quantization == "int4"
+    cfg = parse_args(["-q", "awq"])
+    assert EngineConfig.from_json(cfg.to_json()).quantization == "awq"
+    assert "invalid choice" in refused(["-q", "bitsandbytes"], capsys)
+    assert "tensor-parallel" in refused(["-q", "int8", "--tensor-parallel-size", "2"], capsys)
 
 
 @pytest.mark.parametrize(

@@ -51,3 +51,23 @@ def test_a_path_that_holds_no_checkpoint_is_refused_at_once(tmp_path: Path, kind
         words = "is a file but not a .gguf"
     code, out, _ = launch("--model", str(path))
     assert code != 0 and words in out
+
+
+def test_a_max_model_len_beyond_the_models_positions_is_refused_before_loading(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"text_config": {"max_position_embeddings": 512}}')
+    code, out, _ = launch("--model", str(folder), "--max-model-len", "1k")
+    assert code != 0 and "--max-model-len 1000 is more than the model's" in out
+    assert "max_position_embeddings (512" in out and "model loaded" not in out
+
+
+def test_a_missing_media_folder_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    missing = tmp_path / "no-such-media"
+    code, out, _ = launch("--model", str(folder), "--allowed-local-media-path", str(missing))
+    assert code != 0 and f"--allowed-local-media-path '{missing}' does not exist" in out

@@ -147,10 +147,11 @@ def greedy_generate(
     block_size: int = 4,
     prefill_chunk: int | None = None,
     shuffle_blocks: bool = True,
+    platform: Platform | None = None,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V])."""
     requests = [greedy_request(f"r{i}", p, max_new_tokens) for i, p in enumerate(prompts)]
     blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
-    runner = paged_runner(model, blocks, block_size)
+    runner = paged_runner(model, blocks, block_size, platform=platform)
     jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, None, shuffle_blocks)
     return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]

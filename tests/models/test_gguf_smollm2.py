@@ -1,18 +1,23 @@
 """SmolLM2-135M-Instruct (Q4_1 GGUF) through our loader vs transformers' own GGUF loader.
-Proves the llama.cpp name mapping, dequantisation and Q/K un-permutation end to end."""
+Proves the llama.cpp name mapping, dequantisation and Q/K un-permutation end to end, and that the
+Q4_1 blocks kept quantized (`--quantization gguf`) compute exactly what the dequantized weights
+do."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import transformers
 
 from devices.cpu import CpuPlatform
+from devices.cpu_features import has_native_bf16
 from models import load_model
 from models.decoder import Decoder
+from models.quant.linear import QuantizedLinear
 from tests.models.paged_runner import greedy_generate
 
 
@@ -35,6 +40,12 @@ def ours() -> Decoder:
     model = load_model(GGUF, torch.device("cpu"), torch.float32)
     CpuPlatform().prepare_model(model)  # as the runner serves it: linears packed for oneDNN
     return model
+
+
+@pytest.fixture(scope="module")
+def kept() -> Decoder:
+    """`--quantization gguf`: Q4_1 linears as int4 groups (QuantizedLinear), not on kernels."""
+    return load_model(GGUF, torch.device("cpu"), torch.float32, quantization="gguf")
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +84,32 @@ def test_gguf_chat_answers_paris(ours: Decoder, tokenizer: object) -> None:
     (out,), _ = greedy_generate(ours, [list(ids)], max_new_tokens=12)
     text = tokenizer.decode(out)  # type: ignore[attr-defined]
     assert "Paris" in text, text
+
+
+def test_kept_q4_blocks_equal_the_dequantized_weights(kept: Decoder, ours: Decoder) -> None:
+    layer: Any = kept.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedLinear)
+    assert isinstance(layer.mlp.down_proj, QuantizedLinear) and layer.mlp.down_proj.bits == 4
+    dense = load_model(GGUF, torch.device("cpu"), torch.float32)
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        mine: Any = kept.layers[3].get_submodule(name)
+        assert torch.equal(
+            mine.dequantized_weight(torch.float32), dense.layers[3].get_submodule(name).weight
+        )
+
+
+@pytest.mark.skipif(not has_native_bf16(), reason="the int4 kernels compute in native bf16")
+def test_kept_q4_on_cpu_kernels_answers_paris_and_int8_head_is_close(tokenizer: object) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)  # type: ignore[attr-defined]
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    # fp32 between layers: the first answer token is near-tied (0.09 logits apart in fp32), so
+    # bf16 activations may pick "L'" instead of "The" (measured: bf16 dense did not, bf16 Q4 did).
+    model = load_model(GGUF, torch.device("cpu"), torch.float32, quantization="gguf")
+    (out,), (logits,) = greedy_generate(model, [list(ids)], max_new_tokens=12)  # CPU kernels
+    assert not isinstance(model.layers[0].mlp.down_proj, QuantizedLinear)
+    assert "Paris" in tokenizer.decode(out), tokenizer.decode(out)  # type: ignore[attr-defined]
+    int8_head = load_model(GGUF, torch.device("cpu"), torch.float32, quantization="int8")
+    _, (head_logits,) = greedy_generate(int8_head, [list(ids)], max_new_tokens=1)
+    assert (head_logits - logits).abs().max() <= 0.03 * logits.abs().max()

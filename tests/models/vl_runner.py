@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from core.codec import Buffer
+from devices import Platform
 from models.qwen2_5_vl import Qwen2_5_VLModel
 from protocols.messages import EngineRequest, ImagePixels, ImageRef
 from tests.models.paged_runner import greedy_request, paged_runner, run_plans
@@ -49,6 +50,7 @@ def vl_greedy_generate(
     max_new_tokens: int,
     block_size: int = 4,
     prefill_chunk: int | None = None,
+    platform: Platform | None = None,
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Runs all prompts together; returns per prompt (greedy output ids, prompt logits [L, V]).
 
@@ -60,6 +62,6 @@ def vl_greedy_generate(
         request, pixels[f"r{i}"] = vl_request(f"r{i}", prompt, max_new_tokens, image_token_id)
         requests.append(request)
     blocks = sum(-(-(len(p.ids) + max_new_tokens) // block_size) for p in prompts)
-    runner = paged_runner(model, blocks, block_size)
+    runner = paged_runner(model, blocks, block_size, platform=platform)
     jobs = run_plans(runner, requests, max_new_tokens, prefill_chunk, pixels)
     return [j.output for j in jobs], [torch.cat(j.prompt_logits) for j in jobs]
