@@ -85,6 +85,22 @@ def profile_replays(runner: ModelRunner, sizes: list[int]) -> None:
         print(table, flush=True)
 
 
+def unfuse(model: torch.nn.Module) -> None:
+    """Undo devices/cpu_fused_layers.fuse_layer_ops: torch RMSNorm and rotary again."""
+    from devices.cpu_fused_layers import FusedRMSNorm
+    from models.attention import Attention
+    from models.layers import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.rope_store = None
+        for name, child in list(module.named_children()):
+            if isinstance(child, FusedRMSNorm):
+                norm = RMSNorm(child.weight.shape[0], child.eps)
+                norm.weight = child.weight
+                setattr(module, name, norm)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -97,8 +113,9 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=["graphs", "eager"],
-        choices=["graphs", "graphs-uncompiled", "eager"],
-        help="graphs-uncompiled: recorded without torch.compile (TESSERA_COMPILE=0)",
+        choices=["graphs", "graphs-uncompiled", "eager", "eager-unfused"],
+        help="graphs-uncompiled: recorded without torch.compile (TESSERA_COMPILE=0); "
+        "eager-unfused: eager with the CPU's fused C norms and rotary taken out again",
     )
     ap.add_argument("--profile", action="store_true", help="kernel table of one eager step")
     ap.add_argument(
@@ -120,8 +137,10 @@ def main() -> None:
                 max_num_seqs=max_batch,
                 memory_utilization=0.4,  # room for the next mode's runner
             ),
-            enforce_eager=mode == "eager",
+            enforce_eager=mode.startswith("eager"),
         )
+        if mode == "eager-unfused":
+            unfuse(runner.model)
         print(f"{mode}: loaded (and recorded) in {time.perf_counter() - t0:.1f} s", flush=True)
         if runner.pool.num_blocks < blocks_needed:
             raise SystemExit(f"KV pool of {runner.pool.num_blocks} blocks < {blocks_needed}")
