@@ -247,37 +247,18 @@ class Supervisor:
 
     def _stop(self, names: list[str], timeout_s: float) -> None:
         """SIGTERM, then SIGKILL what is still running after `timeout_s`."""
-        procs = [self.procs[n] for n in names if n in self.procs]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _terminate([self.procs[n] for n in names if n in self.procs], timeout_s)
 
     def shutdown(self) -> None:
         """Stop the groups in reverse start order, `stop_first` ones before all (each group
-        before the next): the front (HTTP) first, given --shutdown-timeout to let its requests finish while the engine behind
-        it still runs them; then the stateless stages, the engine, the executors."""
+        before the next): the front (HTTP) first, given --shutdown-timeout to let its requests
+        finish while the engine behind it still runs them; then the stateless stages, the engine, the executors."""
         drain = max(0.0, self.config.shutdown_timeout_s) + 5
         order = [g for g in self.groups if g.stop_first]
         order += [g for g in reversed(self.groups) if not g.stop_first]
         for i, group in enumerate(order):
             procs = [self.procs[s.name] for s in group.specs if s.name in self.procs]
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + (drain if i == 0 else 10)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            _terminate(procs, drain if i == 0 else 10)
         self._close_watchers()
         self.control.close(linger=0)
         self.ctx.term()
@@ -292,3 +273,17 @@ class Supervisor:
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM to each, then SIGKILL what is still running after `timeout_s` in all."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -37,30 +37,6 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, delta)
 
 
-def _rope_store(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    heads: int,
-    kv_heads: int,
-    want_k: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return rope_store(
-        qkv.contiguous(),
-        cos.contiguous(),
-        sin.contiguous(),
-        k_cache,
-        v_cache,
-        slots.to(torch.int64),
-        heads,
-        kv_heads,
-        want_k,
-    )
-
-
 def fuse_layer_ops(model: nn.Module) -> None:
     """Swap in the fused norms and decode-step rotary where the kernels build on this machine
     (else leave the model as it is). Idempotent."""
@@ -68,7 +44,7 @@ def fuse_layer_ops(model: nn.Module) -> None:
         return
     for module in model.modules():
         if isinstance(module, Attention):
-            module.rope_store = _rope_store
+            module.rope_store = rope_store
         for name, child in list(module.named_children()):
             if type(child) is RMSNorm:
                 setattr(module, name, FusedRMSNorm(child))

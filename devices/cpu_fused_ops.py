@@ -89,7 +89,10 @@ def rope_store(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """qkv [T, (heads + 2 kv_heads) * D] as qkv_proj gives it -> (q rotated [T, heads, D], k
     rotated [T, kv_heads, D] if `want_k` else None); k is rotated and v copied into k_cache /
-    v_cache [kv_heads, cache_slots, D] at slots [T] (int64). cos/sin [T, D] in qkv's dtype."""
+    v_cache [kv_heads, cache_slots, D] at slots [T]. cos/sin [T, D] in qkv's dtype; the caches
+    must be contiguous (they are allocated so)."""
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    slots = slots.to(torch.int64).contiguous()
     tokens, dim = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(tokens, heads, dim, dtype=qkv.dtype)
     k = torch.empty(tokens, kv_heads, dim, dtype=qkv.dtype) if want_k else None

@@ -133,3 +133,17 @@ def children_of(pid: int) -> list[int]:
             out.append(k)
             todo.append(k)
     return out
+
+
+def actor_pids(eng: EngineProcess) -> dict[str, int]:
+    """The engine's actor processes, by actor name."""
+    assert eng.proc is not None
+    out = {}
+    for pid in children_of(eng.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"core.actor" in cmd:
+            out[cmd[-2].decode()] = pid
+    return out

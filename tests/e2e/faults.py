@@ -12,13 +12,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from tests.e2e.engine_process import EngineProcess, children_of
+from tests.e2e.engine_process import EngineProcess
 
 STREAMS = 16
 USAGE = re.compile(r'"usage":\{[^}]*"completion_tokens":(\d+)')
@@ -150,19 +149,6 @@ async def _fire(
     else:
         await asyncio.sleep(when)
     await asyncio.to_thread(fault)
-
-
-def actor_pids(eng: EngineProcess) -> dict[str, int]:
-    assert eng.proc is not None
-    out = {}
-    for pid in children_of(eng.proc.pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"core.actor" in cmd:
-            out[cmd[-2].decode()] = pid
-    return out
 
 
 def health(eng: EngineProcess) -> int:

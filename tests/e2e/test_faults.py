@@ -24,13 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.engine_process import ROOT, EngineProcess, children_of, free_port
+from tests.e2e.engine_process import ROOT, EngineProcess, actor_pids, children_of, free_port
 from tests.e2e.faults import (
     STREAM_DEADLINE_S,
     STREAMS,
     Outcome,
     SlowImages,
-    actor_pids,
     chat_ok,
     run_streams,
     wait_health,

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import zmq
 
-from tests.e2e.engine_process import EngineProcess, children_of
+from tests.e2e.engine_process import EngineProcess, actor_pids, children_of
 
 ARGS = [
     "--max-model-len",
@@ -31,19 +31,6 @@ def chat(eng: EngineProcess) -> httpx.Response:
         timeout=60,
         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
     )
-
-
-def actor_pids(eng: EngineProcess) -> dict[str, int]:
-    assert eng.proc is not None
-    out = {}
-    for pid in children_of(eng.proc.pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"core.actor" in cmd:
-            out[cmd[-2].decode()] = pid
-    return out
 
 
 def test_sigterm_leaves_no_process_and_no_socket(tiny_qwen2: Path) -> None:
