@@ -27,8 +27,9 @@ def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def test_mixed_step_matches_dense_attention(heads: int, kv_heads: int) -> None:
     torch.manual_seed(0)
     block_size, head_dim = 4, 8
-    # (tokens already cached, new tokens): decodes, a fresh prompt, a chunk after a prefix
-    shapes = [(9, 1), (0, 6), (3, 1), (5, 7), (16, 1)]
+    # (tokens already cached, new tokens): decodes, a fresh prompt, a chunk after a shorter
+    # prefix (blank query rows + SDPA's causal kernel) and after a longer one (explicit mask)
+    shapes = [(9, 1), (0, 6), (3, 1), (5, 7), (12, 3), (16, 1)]
     blocks = list(range(64))
     random.Random(1).shuffle(blocks)
     tables, histories = [], []
