@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +55,8 @@ class EngineProcess:
     def start(self, timeout: float = 180.0) -> EngineProcess:
         self.port = self.port or free_port()
         self.run_dir = tempfile.mkdtemp(prefix="tessera-test-")
+        # Kept until the test session ends (tests read engine.log after stop), then removed.
+        atexit.register(shutil.rmtree, self.run_dir, True)
         cmd = [
             sys.executable,
             "-m",
