@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from protocols.messages import ErrorInfo
-from protocols.openai.convert import error_body
+from protocols.openai.asgi import forward_counted, send_error
 
 RETRY_AFTER_S = 5
 
@@ -34,27 +32,11 @@ class DrainGuard:
                 None,
                 503,
             )
-            body = orjson.dumps(error_body(info))
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"retry-after", str(RETRY_AFTER_S).encode()),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, info, RETRY_AFTER_S)
             return
         self.in_flight += 1
-        done = False
 
-        async def counted_send(message: Any) -> None:
-            nonlocal done
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                done = True
-                self.in_flight -= 1
+        def done() -> None:
+            self.in_flight -= 1
 
-        try:
-            await self.app(scope, receive, counted_send)
-        finally:
-            if not done:
-                self.in_flight -= 1
+        await forward_counted(self.app, scope, receive, send, done)

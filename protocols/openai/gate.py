@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import orjson
 
 from core.config import EngineConfig
 from protocols.messages import ErrorInfo
-from protocols.openai.convert import error_body
+from protocols.openai.asgi import forward_counted, route_path, send_error
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 QUEUE_RETRY_AFTER_S = 1
@@ -95,31 +94,6 @@ def queue_full(capacity: int) -> ErrorInfo:
     )
 
 
-def route_path(scope: Any) -> str:
-    """The request's path without the proxy's root path."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return str(path).rstrip("/") or "/"
-
-
-async def send_error(send: Any, info: ErrorInfo, retry_after: int | None = None) -> None:
-    """An OpenAI error body as the whole response."""
-    body = orjson.dumps(error_body(info))
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    if info.code == 408:  # a client this slow does not keep its connection
-        headers.append((b"connection", b"close"))
-    # (after a 413 uvicorn reads the rest of the body and drops it, for at most its keep-alive
-    # timeout, so the client reads the answer instead of a reset connection)
-    await send({"type": "http.response.start", "status": info.code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class _BodyRefused(Exception):
     def __init__(self, info: ErrorInfo) -> None:
         self.info = info
@@ -193,20 +167,11 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         self.generating += 1
-        counted = True
 
-        async def counting_send(message: Any) -> None:
-            nonlocal counted
-            await send(message)
-            if counted and message["type"] == "http.response.body" and not message.get("more_body"):
-                counted = False
-                self.generating -= 1
+        def done() -> None:
+            self.generating -= 1
 
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            if counted:
-                self.generating -= 1
+        await forward_counted(self.app, scope, receive, send, done)
 
 
 def _replay(body: bytes, receive: Any) -> Any:

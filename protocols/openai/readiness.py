@@ -13,7 +13,7 @@ import asyncio
 from typing import Any, Protocol
 
 from protocols.messages import ErrorInfo, HealthReply
-from protocols.openai.gate import route_path, send_error
+from protocols.openai.asgi import route_path, send_error
 
 STARTING_RETRY_AFTER_S = 5
 POLL_INTERVAL_S = 0.25
