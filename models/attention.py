@@ -88,7 +88,9 @@ class PrefillSpan:
     start: int  # its rows in the packed token order: [start, end)
     end: int
     key_slots: torch.Tensor | None  # cache slots of all its keys; None when nothing is cached
-    mask: torch.Tensor | None  # [1, 1, q, L] causal with offset; None when nothing is cached
+    # [1, 1, q, L] causal with offset, where more keys are cached than the span has tokens;
+    # None otherwise (no cached keys, or few enough that blank query rows stand for them)
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -151,14 +153,12 @@ class AttentionMetadata:
                 prefills.append(PrefillSpan(row, row + qlen, None, None))
             else:
                 total = start + qlen
-                mask = torch.arange(total)[None, :] <= (start + torch.arange(qlen))[:, None]
+                mask = None
+                if start > qlen:  # else attended to without a mask (attend_stored)
+                    causal = torch.arange(total)[None, :] <= (start + torch.arange(qlen))[:, None]
+                    mask = causal[None, None].to(device)
                 prefills.append(
-                    PrefillSpan(
-                        row,
-                        row + qlen,
-                        slots(table, 0, total).to(device),
-                        mask[None, None].to(device),
-                    )
+                    PrefillSpan(row, row + qlen, slots(table, 0, total).to(device), mask)
                 )
             row += qlen
         dec_rows = dec_tables = dec_lens = dec_bias = None
@@ -223,7 +223,7 @@ def attend_stored(
             ks = k_cache.index_select(1, span.key_slots)[None]  # [1, kvH, L, D]
             vs = v_cache.index_select(1, span.key_slots)[None]
             cached = ks.shape[2] - qs.shape[2]
-            if cached <= qs.shape[2]:
+            if span.mask is None:
                 # Blank query rows for the cached keys make SDPA's causal mask (aligned to the
                 # first query) ours, so its fused kernel runs; a mask would force the slow path
                 # (CPU, 16 cached + 638 new tokens: 2.1 against 3.7 ms a layer).
