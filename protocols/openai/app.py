@@ -36,8 +36,9 @@ from protocols.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-from protocols.openai import caps, convert
-from protocols.openai.convert import Collected, Echo, OpenAIError, error_body
+from protocols.openai import bodies, caps, convert
+from protocols.openai.bodies import Collected, Echo
+from protocols.openai.convert import OpenAIError, error_body
 from protocols.openai.drain import RETRY_AFTER_S
 from protocols.openai.gate import RequestGate
 from protocols.openai.responses import (
@@ -364,7 +365,7 @@ def build_app(
         ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
-            return convert.chat_response(
+            return bodies.chat_response(
                 done, f"chatcmpl-{rid}", created, model, top_k, parser, parallel, boxes
             )
 
@@ -395,9 +396,7 @@ def build_app(
         ]
 
         def respond(done: list[Collected]) -> dict[str, Any]:
-            return convert.completion_response(
-                done, f"cmpl-{rid}", created, model, top_k, n, echoes
-            )
+            return bodies.completion_response(done, f"cmpl-{rid}", created, model, top_k, n, echoes)
 
         return await generate(gens, request, renderers, body.stream, respond)
 

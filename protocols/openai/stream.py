@@ -17,15 +17,15 @@ import orjson
 
 from protocols.grounding import boxes_per_image
 from protocols.messages import ErrorInfo, RequestOutput
-from protocols.openai.convert import (
+from protocols.openai.bodies import (
     Echo,
     chat_logprobs,
     chunk,
     completion_logprobs,
-    error_body,
     summed_usage,
     usage,
 )
+from protocols.openai.convert import error_body
 from protocols.openai.forced_tools import ForcedCallsParser, make_reader
 from protocols.openai.tool_parsers import ToolCallParser
 

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from core.config import EngineConfig
 from protocols.messages import PositionLogprobs, RequestOutput, TokenLogprob
-from protocols.openai import convert
-from protocols.openai.convert import Collected, OpenAIError
+from protocols.openai import bodies, convert
+from protocols.openai.convert import OpenAIError
 from protocols.openai.generation_config import sampling_defaults
 from protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
 from protocols.openai.stream import ChatChunks, CompletionChunks
@@ -205,7 +205,7 @@ def test_usage_counts_a_shared_prompt_once():
         "completion_tokens": 3,
         "prompt_tokens_details": {"cached_tokens": 4},
     }
-    total = convert.summed_usage([part, part, part, part], shared=2)
+    total = bodies.summed_usage([part, part, part, part], shared=2)
     assert total["prompt_tokens"] == 20 and total["completion_tokens"] == 12
     assert total["total_tokens"] == 32 and total["prompt_tokens_details"]["cached_tokens"] == 8
 
@@ -297,7 +297,7 @@ def test_echoed_completion_lists_the_prompt_first():
     def pos(token: str, tid: int, lp: float) -> PositionLogprobs:
         return PositionLogprobs(TokenLogprob(tid, lp, token, rank=2), [TokenLogprob(9, -0.1, "Z")])
 
-    done = convert.Collected(
+    done = bodies.Collected(
         text=" c",
         token_ids=[3],
         logprobs=[pos(" c", 3, -0.5)],
@@ -305,8 +305,8 @@ def test_echoed_completion_lists_the_prompt_first():
         prompt_logprobs=[None, pos(" b", 2, -1.5)],
         prompt_token_strs=["a", " b"],
     )
-    echo = convert.Echo("a b", top_k=1, prompt_top_k=1)
-    body = convert.completion_response([done], "cmpl-r", 0, "m", 1, echoes=[echo])
+    echo = bodies.Echo("a b", top_k=1, prompt_top_k=1)
+    body = bodies.completion_response([done], "cmpl-r", 0, "m", 1, echoes=[echo])
     (choice,) = body["choices"]
     assert choice["text"] == "a b c"
     lp = choice["logprobs"]
@@ -343,19 +343,19 @@ def pos(token: str, lp: float, *top: tuple[str, float]) -> PositionLogprobs:
 
 
 def test_chat_logprobs_shape_and_clamp():
-    out = convert.chat_logprobs([pos("hé", -0.5, ("hé", -0.5), ("x", -math.inf))], top_k=2)
+    out = bodies.chat_logprobs([pos("hé", -0.5, ("hé", -0.5), ("x", -math.inf))], top_k=2)
     entry = out["content"][0]
     assert entry["token"] == "hé" and entry["logprob"] == -0.5
     assert entry["bytes"] == list("hé".encode())
     assert [t["token"] for t in entry["top_logprobs"]] == ["hé", "x"]
-    assert entry["top_logprobs"][1]["logprob"] == convert.LOGPROB_FLOOR
+    assert entry["top_logprobs"][1]["logprob"] == bodies.LOGPROB_FLOOR
     assert (
-        convert.chat_logprobs([pos("a", -1.0, ("a", -1.0))], 0)["content"][0]["top_logprobs"] == []
+        bodies.chat_logprobs([pos("a", -1.0, ("a", -1.0))], 0)["content"][0]["top_logprobs"] == []
     )
 
 
 def test_completion_logprobs_shape_and_offsets():
-    out = convert.completion_logprobs(
+    out = bodies.completion_logprobs(
         [pos("ab", -0.1, ("ab", -0.1), ("c", -2.0)), pos("c", -0.2, ("d", -1.0))], top_k=2, offset=5
     )
     assert out["tokens"] == ["ab", "c"] and out["token_logprobs"] == [-0.1, -0.2]
@@ -380,10 +380,10 @@ def outputs() -> list[RequestOutput]:
 
 
 def test_chat_response_shape():
-    c = Collected()
+    c = bodies.Collected()
     for out in outputs():
         c.add(out)
-    body = convert.chat_response([c], "chatcmpl-x", 1, "m", top_k=0)
+    body = bodies.chat_response([c], "chatcmpl-x", 1, "m", top_k=0)
     assert body["object"] == "chat.completion" and body["model"] == "m"
     choice = body["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "Hello"}
@@ -398,14 +398,14 @@ def test_chat_response_shape():
 
 
 def test_completion_response_shape():
-    c = Collected()
+    c = bodies.Collected()
     for out in outputs():
         c.add(out)
-    body = convert.completion_response([c], "cmpl-x", 1, "m", top_k=None)
+    body = bodies.completion_response([c], "cmpl-x", 1, "m", top_k=None)
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["logprobs"] is None
     assert body["usage"]["total_tokens"] == 6
-    two = convert.completion_response([c, c], "cmpl-x", 1, "m", top_k=None)
+    two = bodies.completion_response([c, c], "cmpl-x", 1, "m", top_k=None)
     assert [ch["index"] for ch in two["choices"]] == [0, 1]
     assert two["usage"] == {
         "prompt_tokens": 8,
@@ -502,11 +502,11 @@ def test_required_and_named_tool_choices_hold_the_answer_to_calls() -> None:
 
 
 def test_forced_answers_become_tool_calls() -> None:
-    done = convert.Collected(
+    done = bodies.Collected(
         text='[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]',
         final=RequestOutput("r", finish_reason="stop"),
     )
-    body = convert.chat_response([done], "id", 1, "m", None, "forced")
+    body = bodies.chat_response([done], "id", 1, "m", None, "forced")
     message = body["choices"][0]["message"]
     assert message["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
     calls = [
@@ -514,13 +514,13 @@ def test_forced_answers_become_tool_calls() -> None:
         for c in message["tool_calls"]
     ]
     assert calls == [("a", {"x": 1}), ("b", {})]
-    named = convert.Collected(
+    named = bodies.Collected(
         text='{"city": "Oslo"}', final=RequestOutput("r", finish_reason="stop")
     )
-    msg = convert.chat_response([named], "id", 1, "m", None, "forced:get_weather")["choices"][0]
+    msg = bodies.chat_response([named], "id", 1, "m", None, "forced:get_weather")["choices"][0]
     assert msg["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
-    cut = convert.Collected(text='{"city": "Os', final=RequestOutput("r", finish_reason="length"))
-    msg = convert.chat_response([cut], "id", 1, "m", None, "forced:get_weather")["choices"][0]
+    cut = bodies.Collected(text='{"city": "Os', final=RequestOutput("r", finish_reason="length"))
+    msg = bodies.chat_response([cut], "id", 1, "m", None, "forced:get_weather")["choices"][0]
     assert msg["message"]["content"] == '{"city": "Os' and "tool_calls" not in msg["message"]
 
 
@@ -544,10 +544,10 @@ CALL_TEXT = (
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_chat_response_with_tool_calls(parallel: bool):
-    c = Collected()
+    c = bodies.Collected()
     for out in tool_call_outputs(CALL_TEXT):
         c.add(out)
-    choice = convert.chat_response([c], "x", 1, "m", None, "hermes", parallel)["choices"][0]
+    choice = bodies.chat_response([c], "x", 1, "m", None, "hermes", parallel)["choices"][0]
     message = choice["message"]
     assert message["content"] == "Checking." and choice["finish_reason"] == "tool_calls"
     calls = message["tool_calls"]
@@ -556,7 +556,7 @@ def test_chat_response_with_tool_calls(parallel: bool):
         {"city": "Oslo"},
     ][: 2 if parallel else 1]
     assert all(t["id"].startswith("call_") and t["type"] == "function" for t in calls)
-    plain = convert.chat_response([c], "x", 1, "m", None)["choices"][0]
+    plain = bodies.chat_response([c], "x", 1, "m", None)["choices"][0]
     assert plain["message"] == {"role": "assistant", "content": CALL_TEXT}  # tool_choice none
     assert plain["finish_reason"] == "stop"
 
