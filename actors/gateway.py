@@ -7,11 +7,13 @@ Tokenize and detokenize requests take the same way there and back.
 Every request ends: the table (actors/request_table.py) knows which stage holds each one, so when
 the supervisor reports a stage lost (ActorLost) or the engine down (EngineDown), or a deadline
 passes, the requests concerned end here with a 503 (504 past --request-timeout) and are aborted.
+So do the requests of a client that stopped pinging (the HTTP stage or an SDK program died).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import anyio
@@ -32,6 +34,7 @@ from core.launch.addresses import owner
 from core.launch.topology import stage_of
 from core.transport import Outbox
 from protocols.messages import (
+    PING,
     AbortRequest,
     DetokenizeRequest,
     EngineFacts,
@@ -53,14 +56,17 @@ EXPIRE_EVERY_S = 0.5  # how often the deadlines are looked at
 
 class GatewayActor(Stage):
     async def setup(self) -> dict[str, Any]:
-        a = self.addresses
+        a, c = self.addresses, self.config
         self.front = self.transport.front_door(a.front)
         self.inbox = self.transport.mailbox(a.gateway)
         self.to_tokenizers = [self.transport.outbox(address) for address in a.tokenizers]
         replicas = Replicas(len(a.tokenizers), len(a.images), len(a.detokenizers))
-        self.table = RequestTable(replicas, Deadlines(request_s=self.config.request_timeout_s))
+        self.table = RequestTable(
+            replicas, Deadlines(request_s=c.request_timeout_s, client_s=c.heartbeat_timeout_s)
+        )
         self.ready_facts: EngineFacts | None = None  # set once every stage is up
         self.down: str | None = None  # why the engine is down (EngineDown), until replaced
+        self.instance = uuid.uuid4().hex  # told in every HealthReply (see protocols/client.py)
         return {}
 
     async def run(self) -> None:
@@ -91,6 +97,8 @@ class GatewayActor(Stage):
             except CodecError as exc:
                 self.log.warning("bad client message", error=str(exc))
                 continue
+            ping = isinstance(record, HealthRequest) and record.request_id.startswith(PING)
+            self.table.heard(ident, time.monotonic(), ping)
             try:
                 await self._on_client(ident, record)
             except Exception:  # one bad message must never close the front door
@@ -106,7 +114,7 @@ class GatewayActor(Stage):
             await self._tokenize(ident, record)
         elif isinstance(record, HealthRequest):
             ready = self.ready_facts is not None
-            reply = HealthReply(record.request_id, ready=ready, facts=self.ready_facts)
+            reply = HealthReply(record.request_id, ready, self.ready_facts, self.instance)
             await self.front.send(ident, reply)
 
     async def _admit(self, ident: bytes, req: GenerateRequest) -> None:
@@ -202,10 +210,15 @@ class GatewayActor(Stage):
     async def _expire_loop(self) -> None:
         while True:
             await anyio.sleep(EXPIRE_EVERY_S)
-            failed = self.table.expired(time.monotonic())
+            now = time.monotonic()
+            failed = self.table.expired(now)
             if failed:
                 self.log.warning("requests past their deadline", requests=len(failed))
                 await self._fail(failed)
+            orphans = self.table.silent(now)
+            if orphans:
+                self.log.warning("client gone: its requests are aborted", requests=len(orphans))
+                await self._fail(orphans)
 
     async def _fail(self, failed: list[Failed]) -> None:
         """End each request at its client with its error, and abort it along its path (the

@@ -6,6 +6,9 @@ stage says when it takes it in (`RequestMoved`): its image replica ("images"), t
 ("engine"). It leaves with its final output. When a stage dies, `lost` names the requests it held,
 and those it may have been sent but not yet acknowledged (failing a request too many is a retry;
 one too few would hang); `expired` names those past a hop's deadline or the request deadline.
+A client that pings (protocols/client.py pings twice a second) and then falls silent for
+`client_s` is gone (its process died: the HTTP stage, or an SDK program): `silent` names its
+requests, so the engine stops generating for nobody.
 Replicas are picked by `owner(request_id, n)`, so the table keeps no replica number.
 """
 
@@ -39,6 +42,7 @@ class Deadlines:
     tokenizer_s: float = 60.0
     images_s: float = 120.0  # several fetches of 5 s connect + 15 s read each, redirects
     request_s: float = 0.0
+    client_s: float = 5.0  # a pinging client silent this long is gone (ten missed pings)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class RequestTable:
         self.replicas = replicas
         self.deadlines = deadlines
         self.entries: dict[str, Entry] = {}
+        self.pinging: dict[bytes, float] = {}  # client -> when it was last heard
+        self.last_check: float | None = None  # when `silent` last ran
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.entries
@@ -77,6 +83,30 @@ class RequestTable:
         self, request_id: str, client: bytes, kind: str, now: float, images: bool = False
     ) -> None:
         self.entries[request_id] = Entry(client, kind, TOKENIZER, now, now, images)
+
+    def heard(self, client: bytes, now: float, ping: bool) -> None:
+        """Anything came from `client`; a ping enrolls it in the silence rule."""
+        if ping or client in self.pinging:
+            self.pinging[client] = now
+
+    def silent(self, now: float) -> list[Failed]:
+        """The requests of clients that pinged and then stopped for `client_s` (their process
+        is gone), removed from the table; the clients are forgotten. After a long gap since the
+        last check the gateway itself was stalled (its pings queued unread): nobody is judged."""
+        limit = self.deadlines.client_s
+        stalled = self.last_check is not None and now - self.last_check > limit / 2
+        self.last_check = now
+        if stalled:
+            self.pinging = dict.fromkeys(self.pinging, now)
+            return []
+        gone = {c for c, heard in self.pinging.items() if limit and now - heard > limit}
+        if not gone:
+            return []
+        for client in gone:
+            del self.pinging[client]
+        held = [rid for rid, e in self.entries.items() if e.client in gone]
+        error = ErrorInfo(f"the client stopped pinging for {limit:g} s", RETRY, None, 503)
+        return [Failed(rid, self.entries.pop(rid), error) for rid in held]
 
     def moved(self, request_id: str, hop: str, now: float) -> None:
         entry = self.entries.get(request_id)

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.heartbeat_timeout_s,
         help="seconds without a heartbeat after which a stage counts as frozen and is replaced "
-        "as if it had died",
+        "as if it had died; also how long a client (the HTTP stage, an SDK program) may miss its "
+        "pings before its requests are aborted",
     )
     p.add_argument(
         "--tensor-parallel-size",

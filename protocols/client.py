@@ -5,7 +5,9 @@ plain synchronous code. Both speak the one wire protocol in protocols/messages.p
 
 A client pings the gateway twice a second (protocols/link_watch.py): when the gateway stops
 answering (it died, froze, or the engine is restarting), every request in flight ends with a 503
-error and new ones are refused at once, until the gateway answers again.
+error and new ones are refused at once, until the gateway answers again. When the answer comes
+from a new gateway (the engine restarted faster than the link timeout), the requests sent to the
+old one are gone with it: they end with the same 503.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import zmq.asyncio
 from core.codec import CodecError, decode, encode
 from protocols.link_watch import LinkWatch
 from protocols.messages import (
+    PING,
     AbortRequest,
     DetokenizeRequest,
     ErrorInfo,
@@ -68,6 +71,7 @@ class AsyncEngineClient:
         self.kinds: dict[str, type] = {}  # request id -> the record type its queue waits for
         self.link = LinkWatch()
         self._failed_here: set[str] = set()  # ended by a lost link: abort them once sent
+        self.gateway: str | None = None  # the instance id the gateway last answered with
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
@@ -92,7 +96,7 @@ class AsyncEngineClient:
             now = loop.time()
             if self.link.ping_due(now):
                 try:
-                    ping = encode(HealthRequest("ping-" + uuid.uuid4().hex))
+                    ping = encode(HealthRequest(PING + uuid.uuid4().hex))
                     self.sock.send_multipart(ping, flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass
@@ -139,6 +143,10 @@ class AsyncEngineClient:
                     if q is not None:
                         q.put_nowait(out)
             elif isinstance(record, (HealthReply, TokenizeReply)):
+                if isinstance(record, HealthReply) and record.gateway:
+                    if self.gateway not in (None, record.gateway):
+                        self._fail_all()  # a restarted gateway: the old one held them
+                    self.gateway = record.gateway
                 q = self.queues.get(record.request_id)
                 if q is not None:
                     q.put_nowait(record)

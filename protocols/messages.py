@@ -124,7 +124,10 @@ class AbortRequest(Record):
 @wire("health")
 @dataclass
 class HealthRequest(Record):
-    request_id: str
+    request_id: str  # PING + a unique suffix: a client's keep-alive (see actors/request_table.py)
+
+
+PING = "ping-"
 
 
 @wire("health_reply")
@@ -133,6 +136,7 @@ class HealthReply(Record):
     request_id: str
     ready: bool
     facts: EngineFacts | None = None
+    gateway: str = ""  # the answering gateway's instance: a new one lost every earlier request
 
 
 @wire("tokenize")

@@ -120,3 +120,34 @@ def test_may_have_images() -> None:
     assert not may_have_images([{"role": "user", "content": [{"type": "text", "text": "x"}]}])
     assert may_have_images([{"role": "user", "content": [{"type": "image_url"}]}])
     assert may_have_images([{"role": "user", "content": ["odd"]}])
+
+
+def test_a_silent_pinging_client_loses_its_requests() -> None:
+    t = table(client_s=5.0)
+    t.admit("a1", b"http", GENERATE, 0.0)
+    t.admit("a2", b"http", GENERATE, 0.0)
+    t.admit("b1", b"sdk", GENERATE, 0.0)
+    t.admit("c1", b"quiet", GENERATE, 0.0)  # never pinged: no silence rule for it
+    for now in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0):
+        t.heard(b"http", now, ping=True) if now < 1.5 else None
+        t.heard(b"sdk", now, ping=True)
+        t.heard(b"quiet", now, ping=False)
+        assert t.silent(now) == []
+    t.heard(b"sdk", 6.0, ping=False)  # any record counts once enrolled
+    failed = t.silent(6.5)
+    assert sorted(f.request_id for f in failed) == ["a1", "a2"]
+    assert all(f.abort and f.error.code == 503 for f in failed)
+    assert "b1" in t and "c1" in t and "a1" not in t
+    assert t.silent(7.0) == []  # forgotten: not failed twice
+
+
+def test_a_stalled_gateway_judges_no_client() -> None:
+    t = table(client_s=5.0)
+    t.admit("a1", b"http", GENERATE, 0.0)
+    t.heard(b"http", 0.0, ping=True)
+    assert t.silent(0.5) == []
+    assert t.silent(9.0) == []  # the check itself came 8.5 s late: the pings wait unread
+    assert t.silent(9.5) == [] and "a1" in t
+    for half in range(20, 29):  # checks every 0.5 s again: silent since 9.0 (the refresh)
+        assert t.silent(half / 2) == []
+    assert [f.request_id for f in t.silent(14.5)] == ["a1"]

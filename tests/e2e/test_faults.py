@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.engine_process import ROOT, EngineProcess, actor_pids, children_of, free_port
@@ -39,6 +40,7 @@ from tests.fixtures.vl_checkpoint import make_qwen2_5_vl_checkpoint
 
 BACK_S = 5.0  # a killed stateless stage serves again within this
 DOWN_S = 5.0  # a lost engine stage shows as /health 503 within this
+CLIENT_GONE_S = 3.0  # --heartbeat-timeout: the gateway gives a silent client's requests up
 RESTART_S = 90.0  # the engine is back (a model load on a busy 2-core machine)
 ARGS = [
     "--max-model-len",
@@ -52,7 +54,7 @@ ARGS = [
     "--request-timeout",
     "30",
     "--heartbeat-timeout",
-    "3",
+    str(CLIENT_GONE_S),
     "--shutdown-timeout",
     "5",
     "--allowed-media-domains",
@@ -191,16 +193,41 @@ def test_a_lost_engine_stage_ends_every_request_and_the_engine_restarts(
     assert actor_pids(eng)["http"] == http  # the HTTP port stayed up throughout
 
 
-def test_a_killed_http_stage_drops_its_connections_and_is_back(eng: EngineProcess) -> None:
+def test_a_killed_http_stage_drops_its_connections_and_is_back(
+    eng: EngineProcess, fault_file: Path
+) -> None:
+    """Its streams are cut (the socket closes); the engine stops generating for them once the
+    gateway misses the dead stage's pings (--heartbeat-timeout), long before they would have
+    ended (each step made slow: 400 tokens would take over 20 s)."""
     wait_health(eng, 200, RESTART_S)
+    before = scrape(eng)
     fault = kill(eng, "http")
     t0 = time.monotonic()
-    outcomes = asyncio.run(run_streams(eng, 24, 6, fault, "flowing"))
-    assert all(o.kind in ("ok", "dropped") for o in outcomes), outcomes
-    assert all(o.seconds < STREAM_DEADLINE_S for o in outcomes)
-    back = wait_served(eng, fired_at(fault), BACK_S + 10)
-    print(f"http: streams ended in {time.monotonic() - t0:.1f} s, back in {back:.2f} s")
-    assert back <= BACK_S
+    slow = Path(str(fault_file) + ".slow")
+    slow.write_text("0.05")
+    try:
+        outcomes = asyncio.run(run_streams(eng, 400, 6, fault, "flowing"))
+        assert all(o.kind in ("ok", "dropped") for o in outcomes), outcomes
+        assert all(o.seconds < STREAM_DEADLINE_S for o in outcomes)
+        back = wait_served(eng, fired_at(fault), BACK_S + 10)
+        print(f"http: streams ended in {time.monotonic() - t0:.1f} s, back in {back:.2f} s")
+        assert back <= BACK_S
+        while scrape(eng)["tessera_num_requests_running"] > 0:
+            assert time.monotonic() - fired_at(fault) < CLIENT_GONE_S + 3, "still generating"
+            time.sleep(0.2)
+    finally:
+        slow.unlink()
+    generated = scrape(eng)[GENERATED] - before[GENERATED]
+    assert generated < STREAMS * 400 / 2  # most of the 400-token answers were never made
+
+
+GENERATED = "tessera_generation_tokens_total"
+
+
+def scrape(eng: EngineProcess) -> dict[str, float]:
+    text = httpx.get(eng.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    lines = (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, _, value in lines if name}
 
 
 # ---------------------------------------------------------------- the launcher
