@@ -205,6 +205,7 @@ class Soak:
         a = self.args
         limits = httpx.Limits(max_connections=a.concurrency + 4)
         async with httpx.AsyncClient(base_url=self.root, timeout=a.deadline, limits=limits) as c:
+            await wait_ready(c)
             if self.model is None:
                 r = await c.get("/v1/models", headers=self.headers)
                 self.model = r.json()["data"][0]["id"]
@@ -262,6 +263,19 @@ class Soak:
         s.kv_usage_after, s.running_after = kv, running
         s.failures = [f"{r.kind}: {r.outcome} {r.detail}" for r in self.results if r not in good]
         return s
+
+
+async def wait_ready(c: httpx.AsyncClient, within_s: float = 300.0) -> None:
+    """Until /health answers 200 (503 while the engine starts)."""
+    until = time.monotonic() + within_s
+    while time.monotonic() < until:
+        try:
+            if (await c.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(1.0)
+    raise SystemExit(f"the server was not ready within {within_s:g} s")
 
 
 def scrape(text: str) -> dict[str, float]:

@@ -52,6 +52,7 @@ from protocols.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeBody,
+    StreamOptions,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     WireValueError,
@@ -85,6 +86,13 @@ def error_response(info: ErrorInfo) -> Response:
     return response
 
 
+def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats): the second counts only with the first."""
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """Pydantic's errors as one message naming each field (never quoting the values)."""
     parts, param = [], None
@@ -96,7 +104,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             continue
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         param = param or (".".join(loc) or None)
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}")
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field: this server does not implement it (leave it out)"
+        parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
 
 
@@ -346,7 +357,7 @@ def build_app(
         )
         parallel = body.parallel_tool_calls is not False
         boxes = body.tessera is not None and body.tessera.boxes
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = usage_options(body.stream_options)
         created, top_k = int(time.time()), gens[0].sampling.logprobs
         renderers: list[ChunkRenderer] = [
             ChatChunks(
@@ -357,6 +368,7 @@ def build_app(
                 top_k,
                 index=k,
                 shared=len(gens),
+                continuous_usage=continuous,
                 tool_parser=parser,
                 parallel_tool_calls=parallel,
                 boxes=boxes and k == 0,
@@ -378,7 +390,7 @@ def build_app(
         rid = uuid.uuid4().hex
         gens = convert.completion_requests(body, rid, defaults)
         n = convert.choices_per_prompt(body)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        include_usage, continuous = usage_options(body.stream_options)
         created, top_k = int(time.time()), gens[0].sampling.logprobs
         echoes = await echo_of(body, gens)
         renderers: list[ChunkRenderer] = [
@@ -390,6 +402,7 @@ def build_app(
                 top_k,
                 index=i,
                 shared=n,
+                continuous_usage=continuous,
                 echo=echoes[i] if echoes else None,
             )
             for i in range(len(gens))

@@ -5,22 +5,20 @@ runs. Types are strict (no "yes" for true, no 1.5 for an integer; an integer is 
 number), and every integer, string and nesting level anywhere in a body must be one the engine's
 wire can carry (64-bit integers, UTF-8 strings). Value rules (ranges, limits) are the engine's,
 checked once for every request by actors/admission.py, so SDK and HTTP requests meet the same
-rules. Fields a body declares nowhere here are dropped, each name logged once (debug level).
+rules. A field a body declares nowhere here is a 400 naming it: nothing a client asks for is
+silently ignored (OpenAI's API refuses unknown arguments too; vLLM drops them with a warning).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from protocols.messages import utf8_text
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 64  # nesting levels of a body: content parts and tool schemas need a handful
-
-_unknown_seen: set[str] = set()  # field names already logged
 
 
 class WireValueError(ValueError):
@@ -65,22 +63,9 @@ def _check_text(text: str, where: str) -> None:
 
 
 class Body(BaseModel):
-    """A request body (or part of one): unknown fields are ignored, as OpenAI's API does, and
-    each unknown field name is logged the first time it is seen. Types are strict."""
+    """A request body (or part of one): an unknown field is a 400, types are strict."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _log_unknown_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name in sorted(str(k) for k in data.keys() - cls.model_fields.keys()):
-                if name not in _unknown_seen:
-                    _unknown_seen.add(name)
-                    structlog.get_logger().debug(
-                        "unknown request field ignored", actor="http", field=name, body=cls.__name__
-                    )
-        return data
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RequestBody(Body):
@@ -95,7 +80,7 @@ class RequestBody(Body):
 
 class StreamOptions(Body):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # accepted, not implemented
+    continuous_usage_stats: bool = False  # with include_usage: usage so far on every chunk
 
 
 class SamplingFields(RequestBody):

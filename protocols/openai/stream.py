@@ -49,6 +49,7 @@ class ChunkRenderer:
     completion_tokens: int = 0
     index: int = 0  # the choice this renderer's stream is
     shared: int = 1  # choices per prompt (OpenAI's n): the usage counts each prompt once
+    continuous_usage: bool = False  # vLLM's continuous_usage_stats: usage so far in each chunk
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return chunk(
@@ -73,6 +74,8 @@ class ChunkRenderer:
         if out.finish_reason is not None:
             choice["stop_reason"] = out.stop_reason
         body = self._chunk(choice)
+        if self.continuous_usage:
+            body["usage"] = usage(out, self.completion_tokens)
         if out.mm_info:  # image sizes, on the first chunk that carries output
             body["tessera"] = out.mm_info
         return [body]

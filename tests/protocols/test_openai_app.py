@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import openai
 import orjson
 import pytest
-import structlog
 from starlette.testclient import TestClient
 
 from actors.admission import RequestInvalid, check_sampling
@@ -318,27 +316,37 @@ def test_default_names_list_the_model_string_and_accept_the_folder_alias():
     assert http.post("/v1/chat/completions", json={**CHAT, "model": "ckpt"}).status_code == 404
 
 
-def test_unknown_request_fields_are_logged_once_each_at_debug():
+def test_unknown_request_fields_are_400s_naming_them():
+    fake, http = make()
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/chat/completions", {**CHAT, "tessera_test_field": 1}, "tessera_test_field"),
+        ("/v1/completions", {"prompt": "x", "frobnicate": 2}, "frobnicate"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_usage": True, "every": 1}},
+            "stream_options.every",
+        ),
+    ]
+    for route, body, param in cases:
+        r = http.post(route, json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and "unknown field" in error["message"]
+    assert fake.requests == []
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk():
     _, http = make()
-    unknown = {"tessera_test_field_a": 1, "tessera_test_field_b": {"x": 1}}
-    bodies: list[tuple[str, dict[str, Any]]] = [
-        ("/v1/chat/completions", CHAT),
-        ("/v1/completions", {"prompt": "x"}),
-    ]
-    before = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with structlog.testing.capture_logs() as logs:
-            for route, body in bodies:
-                for _ in range(2):
-                    assert http.post(route, json={**body, **unknown}).status_code == 200
-    finally:
-        structlog.configure(**before)
-    seen = [e for e in logs if e["event"] == "unknown request field ignored"]
-    assert [(e["field"], e["log_level"]) for e in seen] == [
-        ("tessera_test_field_a", "debug"),
-        ("tessera_test_field_b", "debug"),
-    ]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    r = http.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": options})
+    chunks = events(r.text)[:-1]
+    content = [c for c in chunks[1:-1] if c["choices"]]
+    assert [c["usage"]["completion_tokens"] for c in content] == [1, 2]
+    assert all(
+        c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+        for c in content
+    )
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,7 @@ def test_empty_stop_strings_dropped():
     assert convert.chat_request(chat(stop=["a", ""]), "r").sampling.stop == ["a"]
 
 
-def test_unknown_fields_are_ignored():
+def test_the_user_field_is_accepted():
     assert chat(response_format={"type": "text"}, user="u").model == "m"
 
 
