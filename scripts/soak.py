@@ -96,6 +96,7 @@ class Summary:
     rss_mb_after_warmup: dict[str, float] = field(default_factory=dict)
     rss_mb_end: dict[str, float] = field(default_factory=dict)
     rss_growth_pct: dict[str, float] = field(default_factory=dict)
+    rss_mb_series: list[tuple[float, float]] = field(default_factory=list)  # (s, all processes)
     kv_usage_after: float = -1.0
     running_after: float = -1.0
     failures: list[str] = field(default_factory=list)
@@ -109,6 +110,7 @@ class Soak:
         self.rng = np.random.default_rng(args.seed)
         self.pick = random.Random(args.seed)
         self.results: list[Result] = []
+        self.series: list[tuple[float, float]] = []
         self.model = args.model
         kinds = [k for k in MIX if args.images or k != "image_chat"]
         self.kinds, self.weights = kinds, [MIX[k] for k in kinds]
@@ -225,6 +227,7 @@ class Soak:
         while time.monotonic() < until:
             await asyncio.sleep(self.args.sample_s)
             last = rss_by_process(self.args.pid)
+            self.series.append((round(time.monotonic() - t0, 1), round(sum(last.values()), 1)))
             if not warm and time.monotonic() - t0 >= self.args.warmup_s:
                 warm = last
         return warm, last
@@ -261,6 +264,7 @@ class Soak:
             if name in warm:
                 s.rss_growth_pct[name] = 100 * (mb - warm[name]) / warm[name]
         s.kv_usage_after, s.running_after = kv, running
+        s.rss_mb_series = self.series
         s.failures = [f"{r.kind}: {r.outcome} {r.detail}" for r in self.results if r not in good]
         return s
 
@@ -356,7 +360,12 @@ def main() -> None:
         args.pid = launcher_pid(int(args.url.rsplit(":", 1)[1].split("/")[0]))
     summary = asyncio.run(Soak(args).run())
     Path(args.out).write_text(json.dumps(asdict(summary), indent=2))
-    print(json.dumps({k: v for k, v in asdict(summary).items() if k != "failures"}, indent=2))
+    print(
+        json.dumps(
+            {k: v for k, v in asdict(summary).items() if k not in ("failures", "rss_mb_series")},
+            indent=2,
+        )
+    )
     for line in summary.failures[:20]:
         print("FAILED", line)
     bad = [
