@@ -24,6 +24,8 @@ from devices.cpu_threads import ThreadGovernor, usable_cores
 from protocols.messages import ImagePixels, StepPlan, StepResult
 from protocols.stage import Stage
 
+TRIM_EVERY_S = 30.0  # how often freed host heap goes back to the OS (Platform.trim_host_memory)
+
 
 class ExecutorActor(Stage):
     async def setup(self) -> dict[str, Any]:
@@ -84,6 +86,7 @@ class ExecutorActor(Stage):
         self.plans = self.transport.mailbox(a.plans[self.index], bind=False)
         self.media = self.transport.mailbox(a.media[self.index])
         self.results = self.transport.outbox(a.results) if self.index == 0 else None
+        self.trimmed_at = time.monotonic()
         self.faults = FaultHook()  # tests only: TESSERA_FAULT_FILE makes a forward raise
         return self.runner.facts.to_info()  # only rank 0's reach the other stages
 
@@ -103,6 +106,9 @@ class ExecutorActor(Stage):
                 self.log.exception("step failed", step_id=plan.step_id)
                 sampled, error = [], f"{type(exc).__name__}: {exc}"
             prompt_logprobs = self.runner.take_prompt_logprobs()
+            if time.monotonic() - self.trimmed_at > TRIM_EVERY_S:
+                self.platform.trim_host_memory()
+                self.trimmed_at = time.monotonic()
             if self.governor is not None and plan.sequences:
                 threads = self.governor.sample(own_threads_busy=self.governor.threads)
                 if threads is not None:

@@ -88,5 +88,9 @@ class Platform(ABC):
     def empty_cache(self) -> None:  # noqa: B027 - no-op by default
         """Return cached allocator blocks to the device (no-op where there is no cache)."""
 
+    def trim_host_memory(self) -> None:  # noqa: B027 - no-op by default
+        """Give freed host heap pages back to the OS; the executor calls it now and then
+        between steps (see devices/cpu.py)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -5,9 +5,12 @@ accelerator.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +24,16 @@ from devices.cpu_linear import pack_linears
 from devices.cpu_paged_attention import available as paged_attention_built
 from devices.cpu_paged_attention import paged_decode_attention
 from models.attention import DecodeKernel
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
+    except (AttributeError, OSError):
+        return None
+
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -124,3 +137,12 @@ class CpuPlatform(Platform):
     def set_threads(self, n: int) -> None:
         if n > 0:
             torch.set_num_threads(n)
+
+    def trim_host_memory(self) -> None:
+        """glibc's malloc_trim: the stages keep freed heap (MALLOC_TRIM_THRESHOLD_, core/launch)
+        so a step's activations do not page-fault again, but activations of ever-changing
+        sizes fragment that heap and the executor's RSS crept up ~15% over a 10-minute soak.
+        Trimming every half minute costs one step's page faults and keeps RSS at what is live."""
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)

@@ -96,7 +96,7 @@ class Summary:
     rss_mb_after_warmup: dict[str, float] = field(default_factory=dict)
     rss_mb_end: dict[str, float] = field(default_factory=dict)
     rss_growth_pct: dict[str, float] = field(default_factory=dict)
-    rss_mb_series: list[tuple[float, float]] = field(default_factory=list)  # (s, all processes)
+    rss_mb_series: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (s, MB)
     kv_usage_after: float = -1.0
     running_after: float = -1.0
     failures: list[str] = field(default_factory=list)
@@ -110,7 +110,7 @@ class Soak:
         self.rng = np.random.default_rng(args.seed)
         self.pick = random.Random(args.seed)
         self.results: list[Result] = []
-        self.series: list[tuple[float, float]] = []
+        self.series: list[tuple[float, dict[str, float]]] = []
         self.model = args.model
         kinds = [k for k in MIX if args.images or k != "image_chat"]
         self.kinds, self.weights = kinds, [MIX[k] for k in kinds]
@@ -227,7 +227,7 @@ class Soak:
         while time.monotonic() < until:
             await asyncio.sleep(self.args.sample_s)
             last = rss_by_process(self.args.pid)
-            self.series.append((round(time.monotonic() - t0, 1), round(sum(last.values()), 1)))
+            self.series.append((round(time.monotonic() - t0, 1), last))
             if not warm and time.monotonic() - t0 >= self.args.warmup_s:
                 warm = last
         return warm, last
