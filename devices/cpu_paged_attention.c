@@ -12,6 +12,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TESSERA_DPBF16 1
+#endif
 
 static inline __attribute__((always_inline)) void load_row(const void *base, int64_t index, int64_t dim, int is_bf16,
                             float *restrict dst) {
@@ -42,6 +46,83 @@ static inline __attribute__((always_inline)) void store_row(void *base, int64_t 
     }
 }
 
+#ifdef TESSERA_DPBF16
+/* bf16 scores of `group` (<= 16) query heads against the keys of one sequence, 16 keys at a time:
+ * a block's 16 rows lie together in the cache, so each pair of dimensions is gathered across the
+ * 16 keys into one register and multiplied into every head's 16 scores with one AVX512-BF16
+ * dot-product instruction (products exact in fp32, summed in fp32). The plain loop below reduces
+ * across dimensions once per key and head, which made this kernel compute-bound at long histories. */
+static void scores_bf16(const uint16_t *q_rows, const uint16_t *k_cache, const int64_t *table,
+                        int64_t len, int64_t group, int64_t head_dim, int64_t cache_row0,
+                        int64_t block_size, float scale, float *scores) {
+    const int64_t pairs = head_dim / 2;
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32((int)pairs));
+    const uint32_t *q32 = (const uint32_t *)q_rows;
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+        const int64_t n = len - t0 < 16 ? len - t0 : 16;
+        const __mmask16 mask = (__mmask16)((1u << n) - 1u);
+        const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
+        const uint32_t *k32 = (const uint32_t *)(k_cache + (cache_row0 + first) * head_dim);
+        if (t0 + 16 < len) {  /* the next run's rows: another block, anywhere in the cache */
+            const int64_t t1 = t0 + 16;
+            const char *next = (const char *)(k_cache + (cache_row0 + table[t1 / block_size] *
+                                              block_size + t1 % block_size) * head_dim);
+            for (int64_t b = 0; b < 16 * head_dim * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+        __m512 acc[16];
+        for (int64_t g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < pairs; p++) {
+            const __m512i keys = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows,
+                                                             k32 + p, 4);
+            for (int64_t g = 0; g < group; g++) {
+                const __m512i qp = _mm512_set1_epi32((int)q32[g * pairs + p]);
+                acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)keys, (__m512bh)qp);
+            }
+        }
+        for (int64_t g = 0; g < group; g++)
+            _mm512_mask_storeu_ps(scores + g * len + t0, mask,
+                                  _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+    }
+}
+
+/* acc[g] += sum over keys t of p[g][t] * v_t, 16 keys at a time: each run of 16 value rows is
+ * widened to fp32 once, then every head's accumulator (held in registers across the run) takes
+ * its 16 products; the next run's rows are prefetched meanwhile. head_dim a multiple of 16. */
+static void values_bf16(const uint16_t *v_cache, const int64_t *table, int64_t len,
+                        int64_t group, int64_t head_dim, int64_t cache_row0, int64_t block_size,
+                        const float *probs, float *acc, float *vf) {
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+        const int64_t n = len - t0 < 16 ? len - t0 : 16;
+        const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
+        const uint16_t *rows = v_cache + (cache_row0 + first) * head_dim;
+        if (t0 + 16 < len) {
+            const int64_t t1 = t0 + 16;
+            const char *next = (const char *)(v_cache + (cache_row0 + table[t1 / block_size] *
+                                              block_size + t1 % block_size) * head_dim);
+            for (int64_t b = 0; b < 16 * head_dim * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        }
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t d = 0; d < head_dim; d += 16) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(rows + t * head_dim + d));
+                const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+                _mm512_storeu_ps(vf + t * head_dim + d, _mm512_castsi512_ps(wide));
+            }
+        for (int64_t g = 0; g < group; g++) {
+            const float *pg = probs + g * len + t0;
+            float *ag = acc + g * head_dim;
+            for (int64_t d = 0; d < head_dim; d += 16) {
+                __m512 a = _mm512_loadu_ps(ag + d);
+                for (int64_t t = 0; t < n; t++)
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pg[t]), _mm512_loadu_ps(vf + t * head_dim + d), a);
+                _mm512_storeu_ps(ag + d, a);
+            }
+        }
+    }
+}
+#endif
+
 /* One (sequence, KV head) pair: its `group` query heads attend to its `len` keys.
  * Returns 0, or -1 when a work buffer could not be allocated. Always inlined so that the
  * callers below specialise it on constant head sizes (the inner loops then fully vectorise). */
@@ -63,14 +144,27 @@ static inline __attribute__((always_inline)) int attend(
     for (int64_t g = 0; g < group; g++)
         load_row(q, s * heads + first_head + g, head_dim, is_bf16, qf + g * head_dim);
     const int64_t cache_row0 = kh * slots;
-    for (int64_t t = 0; t < len; t++) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        load_row(k_cache, cache_row0 + slot, head_dim, is_bf16, row);
-        for (int64_t g = 0; g < group; g++) {
-            const float *qg = qf + g * head_dim;
-            float dot = 0.0f;
-            for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * row[d];
-            scores[g * len + t] = dot * scale;
+#ifdef TESSERA_DPBF16
+    const int fast = is_bf16 && block_size % 16 == 0 && group <= 16 && head_dim % 2 == 0;
+#else
+    const int fast = 0;
+#endif
+    if (fast) {
+#ifdef TESSERA_DPBF16
+        scores_bf16((const uint16_t *)q + (s * heads + first_head) * head_dim,
+                    (const uint16_t *)k_cache, table, len, group, head_dim, cache_row0,
+                    block_size, scale, scores);
+#endif
+    } else {
+        for (int64_t t = 0; t < len; t++) {
+            const int64_t slot = table[t / block_size] * block_size + t % block_size;
+            load_row(k_cache, cache_row0 + slot, head_dim, is_bf16, row);
+            for (int64_t g = 0; g < group; g++) {
+                const float *qg = qf + g * head_dim;
+                float dot = 0.0f;
+                for (int64_t d = 0; d < head_dim; d++) dot += qg[d] * row[d];
+                scores[g * len + t] = dot * scale;
+            }
         }
     }
     for (int64_t g = 0; g < group; g++) {
@@ -85,7 +179,16 @@ static inline __attribute__((always_inline)) int attend(
         sum[g] = total;
     }
     memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
-    for (int64_t t = 0; t < len; t++) {
+    int values_done = 0;
+#ifdef TESSERA_DPBF16
+    if (fast && head_dim % 16 == 0 && head_dim <= 256) {
+        float vf[16 * 256];
+        values_bf16((const uint16_t *)v_cache, table, len, group, head_dim, cache_row0,
+                    block_size, scores, acc, vf);
+        values_done = 1;
+    }
+#endif
+    for (int64_t t = 0; !values_done && t < len; t++) {
         const int64_t slot = table[t / block_size] * block_size + t % block_size;
         load_row(v_cache, cache_row0 + slot, head_dim, is_bf16, row);
         for (int64_t g = 0; g < group; g++) {

@@ -19,14 +19,22 @@ TOLERANCE = {torch.float32: (2e-6, 1e-5), torch.bfloat16: (2e-2, 2e-2)}  # (atol
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"),
-    [(14, 2, 64, 16), (9, 3, 64, 4), (4, 4, 128, 16), (6, 1, 48, 8)],
+    [
+        (14, 2, 64, 16),
+        (9, 3, 64, 4),
+        (4, 4, 128, 16),
+        (6, 1, 48, 8),
+        (16, 1, 64, 32),  # 16 heads a KV head, two 16-key runs a block (the AVX512-BF16 path)
+        (17, 1, 64, 16),  # more heads a KV head than that path takes
+    ],
 )
 def test_kernel_matches_the_torch_path(
     dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int
 ) -> None:
     assert cpu_paged_attention.available(), "this machine has a C compiler: the kernel must build"
     torch.manual_seed(heads * head_dim)
-    lens = [1, 5, block_size, block_size + 1, 97]  # keys per sequence, the new one included
+    # keys per sequence, the new one included: partial and whole 16-key runs, a long history
+    lens = [1, 5, 15, block_size, block_size + 1, 97, 300]
     tables, num_blocks = scattered_tables(lens, block_size)
     shape = (kv_heads, num_blocks * block_size, head_dim)
     k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
