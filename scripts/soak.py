@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -283,12 +284,9 @@ async def wait_ready(c: httpx.AsyncClient, within_s: float = 300.0) -> None:
 
 
 def scrape(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    """The unlabelled samples of a /metrics page, by name."""
+    families = text_string_to_metric_families(text)
+    return {x.name: x.value for f in families for x in f.samples if not x.labels}
 
 
 def descendants(pid: int) -> list[int]:
