@@ -7,14 +7,19 @@
  * block_size + offset; q and out [seqs, heads, head_dim]; tables [seqs, max_blocks] int64;
  * lens [seqs] int64 (keys to attend to, the new one included). Query head h reads KV head
  * h / (heads / kv_heads). Scores, softmax and the weighted sum are computed in fp32; bf16
- * values are widened on load and the output rounded to nearest even. */
+ * values are widened on load and the output rounded to nearest even. On AVX-512 CPUs, when a
+ * block holds whole 16-key runs, keys and values are taken a run at a time (scores_bf16 with
+ * AVX512-BF16, scores_f32, values_run16); elsewhere one key at a time (the plain loops). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#define TESSERA_AVX512 1
+#if defined(__AVX512BF16__)
 #define TESSERA_DPBF16 1
+#endif
 #endif
 
 static inline __attribute__((always_inline)) void load_row(const void *base, int64_t index, int64_t dim, int is_bf16,
@@ -86,42 +91,83 @@ static void scores_bf16(const uint16_t *q_rows, const uint16_t *k_cache, const i
                                   _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
     }
 }
+#endif /* TESSERA_DPBF16 */
 
-/* acc[g] += sum over keys t of p[g][t] * v_t, 16 keys at a time: each run of 16 value rows is
- * widened to fp32 once, then every head's accumulator (held in registers across the run) takes
- * its 16 products; the next run's rows are prefetched meanwhile. head_dim a multiple of 16. */
-static void values_bf16(const uint16_t *v_cache, const int64_t *table, int64_t len,
-                        int64_t group, int64_t head_dim, int64_t cache_row0, int64_t block_size,
-                        const float *probs, float *acc, float *vf) {
+#ifdef TESSERA_AVX512
+/* Where the next 16-key run's rows start (another block, anywhere in the cache): prefetched
+ * while this run is worked on. */
+static inline void prefetch_run(const char *cache, int64_t row_bytes, const int64_t *table,
+                                int64_t t1, int64_t len, int64_t cache_row0, int64_t block_size) {
+    if (t1 >= len) return;
+    const char *next = cache + (cache_row0 + table[t1 / block_size] * block_size +
+                                t1 % block_size) * row_bytes;
+    for (int64_t b = 0; b < 16 * row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+}
+
+/* fp32 scores as scores_bf16 computes bf16 ones: each dimension gathered across 16 keys, one
+ * fused multiply-add per dimension and head. */
+static void scores_f32(const float *q_rows, const float *k_cache, const int64_t *table,
+                       int64_t len, int64_t group, int64_t head_dim, int64_t cache_row0,
+                       int64_t block_size, float scale, float *scores) {
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32((int)head_dim));
     for (int64_t t0 = 0; t0 < len; t0 += 16) {
         const int64_t n = len - t0 < 16 ? len - t0 : 16;
+        const __mmask16 mask = (__mmask16)((1u << n) - 1u);
         const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
-        const uint16_t *rows = v_cache + (cache_row0 + first) * head_dim;
-        if (t0 + 16 < len) {
-            const int64_t t1 = t0 + 16;
-            const char *next = (const char *)(v_cache + (cache_row0 + table[t1 / block_size] *
-                                              block_size + t1 % block_size) * head_dim);
-            for (int64_t b = 0; b < 16 * head_dim * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+        const float *k = k_cache + (cache_row0 + first) * head_dim;
+        prefetch_run((const char *)k_cache, head_dim * 4, table, t0 + 16, len, cache_row0,
+                     block_size);
+        __m512 acc[16];
+        for (int64_t g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d++) {
+            const __m512 keys = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, k + d, 4);
+            for (int64_t g = 0; g < group; g++)
+                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q_rows[g * head_dim + d]), keys, acc[g]);
         }
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t d = 0; d < head_dim; d += 16) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(rows + t * head_dim + d));
-                const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
-                _mm512_storeu_ps(vf + t * head_dim + d, _mm512_castsi512_ps(wide));
-            }
+        for (int64_t g = 0; g < group; g++)
+            _mm512_mask_storeu_ps(scores + g * len + t0, mask,
+                                  _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+    }
+}
+
+/* acc[g] += sum over keys t of p[g][t] * v_t, 16 keys at a time: each head's accumulator is held
+ * in registers across a run of 16 value rows (bf16 rows widened to fp32 into `vf` once first);
+ * the next run's rows are prefetched meanwhile. head_dim a multiple of 16, at most 256. */
+static void values_run16(const void *v_cache, const int64_t *table, int64_t len, int64_t group,
+                         int64_t head_dim, int64_t cache_row0, int64_t block_size,
+                         const float *probs, float *acc, float *vf, int is_bf16) {
+    const int64_t row_bytes = head_dim * (is_bf16 ? 2 : 4);
+    for (int64_t t0 = 0; t0 < len; t0 += 16) {
+        const int64_t n = len - t0 < 16 ? len - t0 : 16;
+        const int64_t first = cache_row0 + table[t0 / block_size] * block_size + t0 % block_size;
+        prefetch_run((const char *)v_cache, row_bytes, table, t0 + 16, len, cache_row0,
+                     block_size);
+        const float *src = (const float *)v_cache + first * head_dim;
+        if (is_bf16) {
+            const uint16_t *rows = (const uint16_t *)v_cache + first * head_dim;
+            for (int64_t t = 0; t < n; t++)
+                for (int64_t d = 0; d < head_dim; d += 16) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(rows + t * head_dim + d));
+                    const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+                    _mm512_storeu_ps(vf + t * head_dim + d, _mm512_castsi512_ps(wide));
+                }
+            src = vf;
+        }
         for (int64_t g = 0; g < group; g++) {
             const float *pg = probs + g * len + t0;
             float *ag = acc + g * head_dim;
             for (int64_t d = 0; d < head_dim; d += 16) {
                 __m512 a = _mm512_loadu_ps(ag + d);
                 for (int64_t t = 0; t < n; t++)
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(pg[t]), _mm512_loadu_ps(vf + t * head_dim + d), a);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(pg[t]), _mm512_loadu_ps(src + t * head_dim + d), a);
                 _mm512_storeu_ps(ag + d, a);
             }
         }
     }
 }
-#endif
+#endif /* TESSERA_AVX512 */
 
 /* One (sequence, KV head) pair: its `group` query heads attend to its `len` keys.
  * Returns 0, or -1 when a work buffer could not be allocated. Always inlined so that the
@@ -144,16 +190,29 @@ static inline __attribute__((always_inline)) int attend(
     for (int64_t g = 0; g < group; g++)
         load_row(q, s * heads + first_head + g, head_dim, is_bf16, qf + g * head_dim);
     const int64_t cache_row0 = kh * slots;
+    /* 16-key runs: a block holds whole runs, and the heads' accumulators fit in registers */
+    const int runs = block_size % 16 == 0 && group <= 16;
 #ifdef TESSERA_DPBF16
-    const int fast = is_bf16 && block_size % 16 == 0 && group <= 16 && head_dim % 2 == 0;
+    const int fast_bf16 = runs && is_bf16 && head_dim % 2 == 0;
 #else
-    const int fast = 0;
+    const int fast_bf16 = 0;
 #endif
-    if (fast) {
+#ifdef TESSERA_AVX512
+    const int fast_f32 = runs && !is_bf16;
+#else
+    const int fast_f32 = 0;
+#endif
+    if (fast_bf16) {
 #ifdef TESSERA_DPBF16
         scores_bf16((const uint16_t *)q + (s * heads + first_head) * head_dim,
                     (const uint16_t *)k_cache, table, len, group, head_dim, cache_row0,
                     block_size, scale, scores);
+#endif
+    } else if (fast_f32) {
+#ifdef TESSERA_AVX512
+        scores_f32((const float *)q + (s * heads + first_head) * head_dim,
+                   (const float *)k_cache, table, len, group, head_dim, cache_row0, block_size,
+                   scale, scores);
 #endif
     } else {
         for (int64_t t = 0; t < len; t++) {
@@ -180,11 +239,11 @@ static inline __attribute__((always_inline)) int attend(
     }
     memset(acc, 0, sizeof(float) * (size_t)(group * head_dim));
     int values_done = 0;
-#ifdef TESSERA_DPBF16
-    if (fast && head_dim % 16 == 0 && head_dim <= 256) {
+#ifdef TESSERA_AVX512
+    if (block_size % 16 == 0 && head_dim % 16 == 0 && head_dim <= 256) {
         float vf[16 * 256];
-        values_bf16((const uint16_t *)v_cache, table, len, group, head_dim, cache_row0,
-                    block_size, scores, acc, vf);
+        values_run16(v_cache, table, len, group, head_dim, cache_row0, block_size, scores, acc,
+                     vf, is_bf16);
         values_done = 1;
     }
 #endif
