@@ -51,6 +51,25 @@ static inline __attribute__((always_inline)) void store_row(void *base, int64_t 
     }
 }
 
+#ifdef TESSERA_AVX512
+/* Where the next 16-key run's rows start (another block, anywhere in the cache): prefetched
+ * while this run is worked on. */
+static inline void prefetch_run(const char *cache, int64_t row_bytes, const int64_t *table,
+                                int64_t t1, int64_t len, int64_t cache_row0, int64_t block_size) {
+    if (t1 >= len) return;
+    const char *next = cache + (cache_row0 + table[t1 / block_size] * block_size +
+                                t1 % block_size) * row_bytes;
+    for (int64_t b = 0; b < 16 * row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+}
+
+/* Offsets of a 16-key run's rows in units of `stride` (elements a row), for gathers. */
+static inline __m512i run_rows(int64_t stride) {
+    return _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32((int)stride));
+}
+#endif
+
 #ifdef TESSERA_DPBF16
 /* bf16 scores of `group` (<= 16) query heads against the keys of one sequence, 16 keys at a time:
  * a block's 16 rows lie together in the cache, so each pair of dimensions is gathered across the
@@ -61,21 +80,15 @@ static void scores_bf16(const uint16_t *q_rows, const uint16_t *k_cache, const i
                         int64_t len, int64_t group, int64_t head_dim, int64_t cache_row0,
                         int64_t block_size, float scale, float *scores) {
     const int64_t pairs = head_dim / 2;
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32((int)pairs));
+    const __m512i rows = run_rows(pairs);
     const uint32_t *q32 = (const uint32_t *)q_rows;
     for (int64_t t0 = 0; t0 < len; t0 += 16) {
         const int64_t n = len - t0 < 16 ? len - t0 : 16;
         const __mmask16 mask = (__mmask16)((1u << n) - 1u);
         const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
         const uint32_t *k32 = (const uint32_t *)(k_cache + (cache_row0 + first) * head_dim);
-        if (t0 + 16 < len) {  /* the next run's rows: another block, anywhere in the cache */
-            const int64_t t1 = t0 + 16;
-            const char *next = (const char *)(k_cache + (cache_row0 + table[t1 / block_size] *
-                                              block_size + t1 % block_size) * head_dim);
-            for (int64_t b = 0; b < 16 * head_dim * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-        }
+        prefetch_run((const char *)k_cache, head_dim * 2, table, t0 + 16, len, cache_row0,
+                     block_size);
         __m512 acc[16];
         for (int64_t g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
         for (int64_t p = 0; p < pairs; p++) {
@@ -94,24 +107,12 @@ static void scores_bf16(const uint16_t *q_rows, const uint16_t *k_cache, const i
 #endif /* TESSERA_DPBF16 */
 
 #ifdef TESSERA_AVX512
-/* Where the next 16-key run's rows start (another block, anywhere in the cache): prefetched
- * while this run is worked on. */
-static inline void prefetch_run(const char *cache, int64_t row_bytes, const int64_t *table,
-                                int64_t t1, int64_t len, int64_t cache_row0, int64_t block_size) {
-    if (t1 >= len) return;
-    const char *next = cache + (cache_row0 + table[t1 / block_size] * block_size +
-                                t1 % block_size) * row_bytes;
-    for (int64_t b = 0; b < 16 * row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-}
-
 /* fp32 scores as scores_bf16 computes bf16 ones: each dimension gathered across 16 keys, one
  * fused multiply-add per dimension and head. */
 static void scores_f32(const float *q_rows, const float *k_cache, const int64_t *table,
                        int64_t len, int64_t group, int64_t head_dim, int64_t cache_row0,
                        int64_t block_size, float scale, float *scores) {
-    const __m512i rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32((int)head_dim));
+    const __m512i rows = run_rows(head_dim);
     for (int64_t t0 = 0; t0 < len; t0 += 16) {
         const int64_t n = len - t0 < 16 ? len - t0 : 16;
         const __mmask16 mask = (__mmask16)((1u << n) - 1u);
@@ -187,8 +188,6 @@ static inline __attribute__((always_inline)) int attend(
     float *row = acc + group * head_dim;
     float *sum = row + head_dim;
     const int64_t first_head = kh * group;
-    for (int64_t g = 0; g < group; g++)
-        load_row(q, s * heads + first_head + g, head_dim, is_bf16, qf + g * head_dim);
     const int64_t cache_row0 = kh * slots;
     /* 16-key runs: a block holds whole runs, and the heads' accumulators fit in registers */
     const int runs = block_size % 16 == 0 && group <= 16;
@@ -215,6 +214,8 @@ static inline __attribute__((always_inline)) int attend(
                    scale, scores);
 #endif
     } else {
+        for (int64_t g = 0; g < group; g++)
+            load_row(q, s * heads + first_head + g, head_dim, is_bf16, qf + g * head_dim);
         for (int64_t t = 0; t < len; t++) {
             const int64_t slot = table[t / block_size] * block_size + t % block_size;
             load_row(k_cache, cache_row0 + slot, head_dim, is_bf16, row);

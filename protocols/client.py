@@ -71,7 +71,6 @@ class AsyncEngineClient:
         self.kinds: dict[str, type] = {}  # request id -> the record type its queue waits for
         self.link = LinkWatch()
         self._failed_here: set[str] = set()  # ended by a lost link: abort them once sent
-        self.gateway: str | None = None  # the instance id the gateway last answered with
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._send_lock = asyncio.Lock()
@@ -144,9 +143,8 @@ class AsyncEngineClient:
                         q.put_nowait(out)
             elif isinstance(record, (HealthReply, TokenizeReply)):
                 if isinstance(record, HealthReply) and record.gateway:
-                    if self.gateway not in (None, record.gateway):
+                    if self.link.answered_by(record.gateway):
                         self._fail_all()  # a restarted gateway: the old one held them
-                    self.gateway = record.gateway
                 q = self.queues.get(record.request_id)
                 if q is not None:
                     q.put_nowait(record)

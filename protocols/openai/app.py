@@ -1,4 +1,4 @@
-"""The FastAPI app of the OpenAI-compatible API: routes, auth, error bodies, stream or collect.
+"""The FastAPI app of the OpenAI-compatible API: routes, error bodies, stream or collect.
 
 HTTP request -> schemas -> convert -> AsyncEngineClient.generate -> JSON body or SSE stream.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -37,6 +36,7 @@ from protocols.messages import (
     TokenizeRequest,
 )
 from protocols.openai import bodies, caps, convert
+from protocols.openai.auth import UNGUARDED_PATHS, ApiKeyGuard
 from protocols.openai.bodies import Collected, Echo
 from protocols.openai.convert import OpenAIError, error_body
 from protocols.openai.drain import RETRY_AFTER_S
@@ -52,7 +52,6 @@ from protocols.openai.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeBody,
-    StreamOptions,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     WireValueError,
@@ -64,6 +63,7 @@ from protocols.openai.stream import (
     close_quietly,
     failure_of,
     sse,
+    usage_options,
 )
 
 if TYPE_CHECKING:
@@ -86,13 +86,6 @@ def error_response(info: ErrorInfo) -> Response:
     return response
 
 
-def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
-    """(include_usage, continuous_usage_stats): the second counts only with the first."""
-    if options is None:
-        return False, False
-    return options.include_usage, options.include_usage and options.continuous_usage_stats
-
-
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """Pydantic's errors as one message naming each field (never quoting the values)."""
     parts, param = [], None
@@ -109,47 +102,6 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             msg = "unknown field: this server does not implement it (leave it out)"
         parts.append(f"{'.'.join(loc) or 'body'}: {msg}")
     return "; ".join(parts) or "invalid request", param
-
-
-UNGUARDED_PATHS = ("/health", "/ping")  # what answers without the API key (probes)
-
-
-class ApiKeyGuard:
-    """ASGI middleware: with --api-key, every HTTP path but the health probes needs
-    `Authorization: Bearer KEY` (the API, /tokenize, /metrics, /docs, /openapi.json, unknown
-    paths alike), answered 401 in OpenAI's error shape."""
-
-    def __init__(self, app: Any, api_key: str, public: tuple[str, ...] = UNGUARDED_PATHS) -> None:
-        self.app = app
-        self.key = api_key.encode()
-        self.public = public
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self._public(scope) or self._authorized(scope):
-            await self.app(scope, receive, send)
-            return
-        info = ErrorInfo(
-            "Unauthorized: a valid `Authorization: Bearer` key is required",
-            "AuthenticationError",
-            None,
-            401,
-        )
-        await error_response(info)(scope, receive, send)
-
-    def _public(self, scope: Any) -> bool:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        return path.rstrip("/") in self.public
-
-    def _authorized(self, scope: Any) -> bool:
-        given = b""
-        for name, value in scope.get("headers", ()):
-            if name.lower() == b"authorization":
-                given = value
-                break
-        scheme, _, token = given.partition(b" ")
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key)
 
 
 class EventStreamResponse(StreamingResponse):

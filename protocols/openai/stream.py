@@ -27,9 +27,18 @@ from protocols.openai.bodies import (
 )
 from protocols.openai.convert import error_body
 from protocols.openai.forced_tools import ForcedCallsParser, make_reader
+from protocols.openai.schemas import StreamOptions
 from protocols.openai.tool_parsers import ToolCallParser
 
 DONE = b"data: [DONE]\n\n"
+
+
+def usage_options(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(include_usage, continuous_usage_stats) of a request: the second counts only with the
+    first, as in vLLM."""
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 def event(body: dict[str, Any]) -> bytes:

@@ -23,3 +23,11 @@ def test_down_after_an_unanswered_ping_and_up_again_when_heard() -> None:
 def test_never_down_without_a_ping() -> None:
     w = LinkWatch(timeout_s=1.0)
     assert not w.lapsed(100.0)
+
+
+def test_an_answer_from_another_gateway_instance_is_a_replacement() -> None:
+    w = LinkWatch()
+    assert not w.answered_by("a")  # the first one heard
+    assert not w.answered_by("a")
+    assert w.answered_by("b")  # restarted: what "a" held is lost
+    assert not w.answered_by("b")
