@@ -17,6 +17,7 @@ import torch
 
 from actors.execution import KVLimits, ModelRunner
 from actors.execution.fault_hook import FaultHook
+from actors.execution.rank_agreement import check_same_flags
 from actors.execution.tp_group import join_group
 from core.codec import CodecError
 from devices import get_platform
@@ -32,15 +33,20 @@ class ExecutorActor(Stage):
         c = self.config
         platform = get_platform(c.device)
         tp_size = c.tensor_parallel_size
-        cores = max(1, usable_cores() // tp_size)  # CPU ranks share the machine's cores
+        local_ranks = c.local_ranks  # this host's ranks: they share its cores and devices
+        cores = max(1, usable_cores() // len(local_ranks))
         platform.set_threads(c.threads or cores)
         self.platform = platform
         # On a shared CPU the pool follows the cores other tasks leave free; --threads fixes it.
         # Tensor-parallel ranks keep a fixed pool: they wait for each other at every all-reduce.
         adapts = platform.adapts_threads and not c.threads and tp_size == 1
         self.governor = ThreadGovernor(cores) if adapts else None
-        rendezvous = os.path.join(c.run_dir, "tensor-parallel")
+        if c.multi_node:  # what env:// would read: the leader's MASTER_ADDR and MASTER_PORT
+            rendezvous = f"tcp://{c.master_addr}:{c.master_port}"
+        else:
+            rendezvous = os.path.join(c.run_dir, "tensor-parallel")
         tp = join_group(platform, self.index, tp_size, rendezvous)
+        check_same_flags(c, platform.torch_device(self.index - local_ranks.start))
         torch.manual_seed(c.seed)  # every rank draws the same unseeded samples
         t0 = time.monotonic()
         # Loaded on the loop (main) thread too: weights packed from a worker thread made decode
@@ -48,7 +54,7 @@ class ExecutorActor(Stage):
         self.runner = ModelRunner.load(
             c.model,
             platform,
-            rank=self.index,
+            rank=self.index - local_ranks.start,  # the device index on this host
             dtype=c.dtype,
             block_size=c.block_size,
             limits=KVLimits(
@@ -84,7 +90,7 @@ class ExecutorActor(Stage):
         )
         a = self.addresses
         self.plans = self.transport.mailbox(a.plans[self.index], bind=False)
-        self.media = self.transport.mailbox(a.media[self.index])
+        self.media = self.transport.mailbox([row[self.index] for row in a.media], bind=False)
         self.results = self.transport.outbox(a.results) if self.index == 0 else None
         self.trimmed_at = time.monotonic()
         self.faults = FaultHook()  # tests only: TESSERA_FAULT_FILE makes a forward raise

@@ -62,7 +62,10 @@ class ImagePreprocessorActor(Stage):
         )
         a = self.addresses
         self.inbox = self.transport.mailbox(a.images[self.index])
-        self.to_media = [self.transport.outbox(address) for address in a.media]
+        # bound here, one per rank: every executor (on any host) connects to each image replica
+        self.to_media = [
+            self.transport.outbox(address, bind=True) for address in a.media[self.index]
+        ]
         self.to_detokenizers = [self.transport.outbox(address) for address in a.detokenizers]
         self.to_scheduler = self.transport.outbox(a.scheduler)
         self.to_gateway = self.transport.outbox(a.gateway)

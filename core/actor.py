@@ -38,6 +38,7 @@ class ActorSpec:
     index: int = 0
     ready_info: dict[str, Any] = field(default_factory=dict)  # what earlier stages reported
     control: str = ""  # the supervisor's control address (heartbeats, readiness)
+    remote: bool = False  # run by another host's launcher; its heartbeats are relayed here
 
 
 class Actor:
@@ -53,7 +54,7 @@ class Actor:
         self.control = spec.control
         self.config = config
         self.wiring = wiring
-        self.transport = Transport()
+        self.transport = Transport(config.bind_host)
         self.log: structlog.stdlib.BoundLogger = setup_logging(spec.name, config.log_level)
         self._parent = os.getppid()
 

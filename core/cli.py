@@ -7,6 +7,7 @@ import argparse
 import os
 from typing import Any
 
+from core.cli_nodes import add_node_flags, apply_node_settings
 from core.cli_values import (
     device_name,
     generation_config_source,
@@ -278,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-tp",
         type=int,
         default=d.tensor_parallel_size,
-        help="ranks to shard the model over (only 1 for now)",
+        help="ranks to shard the model over, one executor process each (split over the "
+        "hosts with --nnodes)",
     )
+    add_node_flags(p, d)
     p.add_argument(
         "--tokenizer-workers",
         type=int,
@@ -513,6 +516,7 @@ def parse_args(argv: list[str] | None = None) -> EngineConfig:
     ):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    apply_node_settings(cfg, parser)
     if cfg.max_num_queued_requests < 0 or cfg.max_stop_strings < 0:
         parser.error("--max-num-queued-requests and --max-stop-strings must be at least 0")
     if not cfg.request_body_timeout_s > 0:

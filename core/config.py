@@ -41,6 +41,12 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False  # vLLM's: no graph capture / compilation
     tensor_parallel_size: int = 1
+    # Hosts: one launcher per host, each running its share of the tensor-parallel ranks; the
+    # leader (node 0) runs every other stage. >1 puts every stage socket on tcp:// at master_addr.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # the leader's address: stage sockets and the rendezvous
+    master_port: int = 29500  # torch.distributed's rendezvous; stage sockets follow it
     tokenizer_workers: int = 1
     detokenizer_workers: int = 1
     image_workers: int = 1
@@ -103,6 +109,22 @@ class EngineConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.model
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nnodes > 1
+
+    @property
+    def bind_host(self) -> str | None:
+        """Where tcp:// stage sockets bind: on every interface when other hosts connect to the
+        leader (a private network, as torch.distributed's own sockets need); else as named."""
+        return "0.0.0.0" if self.multi_node else None
+
+    @property
+    def local_ranks(self) -> range:
+        """The tensor-parallel ranks this launcher runs (an equal share per host)."""
+        per_node = self.tensor_parallel_size // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
 
     @property
     def uses_tls(self) -> bool:

@@ -4,6 +4,11 @@ Stages start in groups (executors first, since their KV pool decides the engine'
 group reports when ready is handed to the next. A stateless stage that dies or freezes is restarted
 alone, and the watchers (the gateway) are told, so the requests it held fail at once; a lost engine
 stage fails every request in flight and restarts the engine (`--restart-engine`) or stops it.
+
+A multi-host engine runs one supervisor per host. The leader's lists the other hosts' executors
+as remote: it waits for their readiness and watches their heartbeats, which the other hosts'
+supervisors relay to its control socket. Those relay supervisors stop when the leader's socket
+goes away. Neither restarts a multi-host engine: a lost rank stops it, on every host.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import orjson
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from core.actor import ActorSpec
 from core.codec import CodecError, decode, encode
@@ -27,6 +33,7 @@ from core.control import ActorFailed, ActorLost, ActorReady, EngineDown, Heartbe
 from core.liveness import Lost, RestartBudget, lost_actors
 from core.logging import setup_logging
 from core.run_dirs import make_run_dir
+from core.transport import bind_address
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Supervisor:
         control: str,
         notify_ready: list[str],
         owns_run_dir: bool,
+        leader_control: str | None = None,
     ) -> None:
         self.config = config
         self.groups = groups
@@ -96,7 +104,8 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PULL)
         self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control)
+        self.control.bind(bind_address(control, config.bind_host))
+        self.leader = LeaderLink(self.ctx, leader_control, config) if leader_control else None
 
     # ------------------------------------------------------------------ processes
     def _write_spec_file(self) -> None:
@@ -124,8 +133,12 @@ class Supervisor:
                 self.restartable.add(spec.name)
         self._write_spec_file()
         pending = {s.name for s in group.specs}
-        for name in pending:
+        remote = {s.name for s in group.specs if s.remote}
+        for name in pending - remote:
             self._spawn(name)
+        if remote:
+            self.log.info("waiting for the other hosts' ranks", actors=sorted(remote))
+            self.last_beat.update(dict.fromkeys(remote, time.monotonic()))
         while pending:
             record = self._recv(timeout_s=0.5)
             if isinstance(record, ActorReady) and record.actor in pending:
@@ -136,7 +149,9 @@ class Supervisor:
                 raise EngineFailed(f"{record.actor} failed to start: {record.error}")
             if self.stopping:
                 raise EngineFailed("interrupted during start-up")
-            for name in pending:
+            if self.leader is not None and self.leader.gone():
+                raise EngineFailed(f"the leader at {self.leader.address} went away")
+            for name in pending - remote:
                 code = self.procs[name].poll()
                 if code is not None:
                     raise EngineFailed(f"{name} exited with code {code} during start-up")
@@ -151,6 +166,8 @@ class Supervisor:
             return None
         if isinstance(record, (Heartbeat, ActorReady)):
             self.last_beat[record.actor] = time.monotonic()
+        if self.leader is not None and isinstance(record, (Heartbeat, ActorReady, ActorFailed)):
+            self.leader.relay(frames)
         return record
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,7 +205,11 @@ class Supervisor:
             self._recv(timeout_s=0.5)
             if self.stopping:
                 break
+            if self.leader is not None and self.leader.gone():
+                self.log.error("the leader went away; stopping", leader=self.leader.address)
+                return 1
             codes = {name: proc.poll() for name, proc in self.procs.items()}
+            codes.update({name: None for name, spec in self.specs.items() if spec.remote})
             now = time.monotonic()
             for lost in lost_actors(codes, self.last_beat, now, self.config.heartbeat_timeout_s):
                 if lost.name not in self.restartable:
@@ -210,8 +231,14 @@ class Supervisor:
     def _engine_lost(self, lost: Lost) -> int | None:
         """An engine stage is gone: tell the gateway (it fails every request in flight), then
         restart every group but the front (None) or give the exit code to stop with."""
-        restart = self.config.restart_engine and self.engine_budget.allow(time.monotonic())
-        why = f"{lost.name} {lost.why}"
+        # another host's rank cannot be respawned from here: a multi-host engine stops instead
+        restart = (
+            self.config.restart_engine
+            and not self.config.multi_node
+            and self.engine_budget.allow(time.monotonic())
+        )
+        remote = self.specs[lost.name].remote if lost.name in self.specs else False
+        why = f"{lost.name}{' (on another host)' if remote else ''} {lost.why}"
         self.log.error(
             "engine stage lost; " + ("restarting the engine" if restart else "stopping"),
             name=lost.name,
@@ -260,6 +287,8 @@ class Supervisor:
             procs = [self.procs[s.name] for s in group.specs if s.name in self.procs]
             _terminate(procs, drain if i == 0 else 10)
         self._close_watchers()
+        if self.leader is not None:
+            self.leader.close()
         self.control.close(linger=0)
         self.ctx.term()
         if self._own_run_dir:
@@ -273,6 +302,46 @@ class Supervisor:
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
+
+
+class LeaderLink:
+    """A non-leader host's line to the leader's supervisor: relays its actors' heartbeats and
+    readiness there, and tells when the leader's socket went away (closed, or silent past
+    --heartbeat-timeout by ZMQ's own heartbeats) after it had been reached."""
+
+    def __init__(self, ctx: zmq.Context, address: str, config: EngineConfig) -> None:
+        self.address = address
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, int(config.heartbeat_interval_s * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(config.heartbeat_timeout_s * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TTL, int(config.heartbeat_timeout_s * 1000))
+        self.events = self.sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.sock.connect(address)
+        self.reached = False
+        self.lost = False
+
+    def relay(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the leader is not taking them; gone() tells
+
+    def gone(self) -> bool:
+        while self.events.poll(0):
+            event = recv_monitor_message(self.events)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.reached = True
+            elif event == zmq.EVENT_DISCONNECTED and self.reached:
+                self.lost = True
+        return self.lost
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.events.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def _terminate(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:

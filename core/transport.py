@@ -23,10 +23,21 @@ def remove_ipc_file(address: str) -> None:
             pass
 
 
-class Transport:
-    """Owns one asyncio ZMQ context per process and the sockets made from it."""
+def bind_address(address: str, bind_host: str | None) -> str:
+    """The address to bind for `address`: a tcp:// one on `bind_host` instead (all interfaces
+    for "0.0.0.0") when given, since the name peers connect to may not be a local interface."""
+    if bind_host is None or not address.startswith("tcp://"):
+        return address
+    port = address.rsplit(":", 1)[1]
+    return f"tcp://{bind_host}:{port}"
 
-    def __init__(self) -> None:
+
+class Transport:
+    """Owns one asyncio ZMQ context per process and the sockets made from it; tcp:// sockets
+    bind on `bind_host` when given (see bind_address)."""
+
+    def __init__(self, bind_host: str | None = None) -> None:
+        self.bind_host = bind_host
         self.ctx = zmq.asyncio.Context()
         self._sockets: list[zmq.asyncio.Socket] = []
         self._bound_paths: list[str] = []  # ipc socket files this process made (removed on close)
@@ -42,14 +53,19 @@ class Transport:
                 if os.path.exists(path):
                     os.unlink(path)
                 self._bound_paths.append(path)
-            sock.bind(address)
+            sock.bind(bind_address(address, self.bind_host))
         else:
             sock.connect(address)
         self._sockets.append(sock)
         return sock
 
-    def mailbox(self, address: str, bind: bool = True) -> Mailbox:
-        return Mailbox(self._socket(zmq.PULL, address, bind))
+    def mailbox(self, address: str | list[str], bind: bool = True) -> Mailbox:
+        """A PULL socket; given several addresses it connects to all and takes from each fairly."""
+        addresses = [address] if isinstance(address, str) else address
+        sock = self._socket(zmq.PULL, addresses[0], bind)
+        for extra in addresses[1:]:
+            sock.connect(extra)
+        return Mailbox(sock)
 
     def outbox(self, address: str | list[str], bind: bool = False) -> Outbox:
         """A PUSH socket; given several addresses it connects to all and round-robins."""

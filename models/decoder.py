@@ -1,5 +1,6 @@
 """The decoder-only transformer (Llama / Qwen2 families): embeddings, layers, norm, lm_head.
-The executor calls it once per step with all scheduled tokens packed; it returns hidden states."""
+The executor calls it once per step with all scheduled tokens packed; it returns hidden states.
+A tensor-parallel rank holds its vocabulary rows of the embedding and head (models/parallel.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from models.attention import Attention, AttentionMetadata, KVCache
 from models.config import ModelConfig
 from models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from models.parallel import TensorParallel, VocabParallelEmbedding
 
 # HF projection name -> (our fused parameter, shard index among the fused parts).
 FUSED_SHARDS: dict[str, tuple[str, int]] = {
@@ -64,12 +66,25 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.tp = TensorParallel()  # one rank: the whole vocabulary (see shard_vocab)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def shard_vocab(self, tp: TensorParallel) -> None:
+        """Keeps this rank's vocabulary rows `tp.span(vocab)` of the embedding and the LM head
+        (tied ones stay one tensor); `embed` and `compute_logits` still give the whole
+        vocabulary's, through tp's collectives. Called by build_empty before the weights load."""
+        c = self.config
+        lo, hi = tp.span(c.vocab_size)
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding((lo, hi), c.hidden_size, tp.reduce)
+        self.lm_head = nn.Linear(c.hidden_size, hi - lo, bias=False)
+        if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -96,7 +111,9 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_rows).float()
+        """fp32 logits [rows, vocab] over the whole vocabulary, on every tensor-parallel rank."""
+        logits = self.tp.gather_columns(self.lm_head(hidden_rows), self.config.vocab_size)
+        return logits.float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,5 +1,6 @@
 """Loads a llama.cpp GGUF file: metadata -> ModelConfig, tensors to HF names/shapes, Q4_0 / Q4_1
-linears kept quantized (models/quant/gguf.py) and every other type dequantised to the run dtype.
+linears kept quantized (models/quant/gguf.py) and every other type dequantised to the run dtype
+(a tensor-parallel rank dequantizes only its rows where it can: GgufTensor).
 Called by models.loader.load_model when the model path ends in .gguf."""
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from models.decoder import Decoder
-from models.parallel import TensorParallel, rank_config, shard_weights
+from models.parallel import (
+    CheckpointTensor,
+    Span,
+    TensorInMemory,
+    TensorParallel,
+    rank_config,
+    shard_weights,
+)
 from models.quant.formats import module_path
 from models.quant.gguf import KEPT_TYPES, canonical, q4_blocks
 from models.quant.spec import QuantSpec, install
@@ -103,32 +111,70 @@ def kept_quantized(reader: GGUFReader) -> set[str]:
     return {path for path, kept in types.items() if kept == {True}}
 
 
-def iter_gguf_tensors(
+def permuted_heads(name: str, config: ModelConfig) -> int:
+    """The head count of a llama Q / K tensor, whose rows convert_hf_to_gguf.py permuted, else 0."""
+    if config.architecture != "llama":
+        return 0
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_heads
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.num_kv_heads
+    return 0
+
+
+class GgufTensor:
+    """One GGUF tensor in HF layout and fp32 (a CheckpointTensor), dequantized when read. A row
+    span is cut from the quantized rows before dequantizing (a GGUF row is whole blocks); a column
+    span is cut after dequantizing every row (columns cut through the blocks)."""
+
+    def __init__(self, tensor: ReaderTensor, heads: int = 0) -> None:
+        # GGUF lists dims fastest-first; HF shape is the reverse.
+        self.tensor = tensor
+        self.shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        self.heads = heads  # permuted_heads
+
+    def read(self, rows: Span | None = None, columns: Span | None = None) -> torch.Tensor:
+        lo, hi = rows or (0, self.shape[0])
+        w = dequantize(self.tensor.data[lo:hi], self.tensor.tensor_type)
+        w = w.reshape(hi - lo, *self.shape[1:])
+        if self.heads:
+            w = unpermute_qk(w, self._heads_in(lo, hi))
+        if columns is not None:
+            w = w[:, columns[0] : columns[1]]
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        return torch.from_numpy(w if w.flags.writeable else w.copy())
+
+    def q4_parts(self) -> dict[str, torch.Tensor]:
+        """QuantizedLinear's tensors of this whole Q4_0 / Q4_1 weight (models/quant/gguf.py)."""
+        rows, cols = self.shape
+        arrays: tuple[np.ndarray, ...] = q4_blocks(
+            self.tensor.data, self.tensor.tensor_type, rows, cols
+        )
+        if self.heads:
+            arrays = tuple(unpermute_qk(a, self.heads) for a in arrays)
+        return canonical(*arrays)
+
+    def _heads_in(self, lo: int, hi: int) -> int:
+        per_head = self.shape[0] // self.heads
+        if lo % per_head or hi % per_head:
+            raise ValueError(f"{self.tensor.name}: rows {lo}-{hi} cut through a head")
+        return (hi - lo) // per_head
+
+
+def gguf_tensors(
     reader: GGUFReader, config: ModelConfig, kept: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors; a weight of a module in `kept` comes as QuantizedLinear's tensors
+) -> Iterator[tuple[str, CheckpointTensor]]:
+    """HF-named tensors, unread; a weight of a module in `kept` comes as QuantizedLinear's tensors
     (`<module>.qweight`, `.scales`, `.offsets`) instead of `<module>.weight`."""
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
-        # GGUF lists dims fastest-first; HF shape is the reverse.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        quantized = name.endswith(".weight") and module_path(name.removesuffix(".weight")) in kept
-        arrays: tuple[np.ndarray, ...]
-        if quantized:
-            arrays = q4_blocks(tensor.data, tensor.tensor_type, shape[0], shape[1])
+        source = GgufTensor(tensor, permuted_heads(name, config))
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and module_path(prefix) in kept:
+            for part, value in source.q4_parts().items():
+                yield f"{prefix}.{part}", TensorInMemory(value)
         else:
-            arrays = (dequantize(tensor.data, tensor.tensor_type).reshape(shape),)
-        if config.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arrays = tuple(unpermute_qk(a, config.num_heads) for a in arrays)
-        elif config.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arrays = tuple(unpermute_qk(a, config.num_kv_heads) for a in arrays)
-        if quantized:
-            prefix = name.removesuffix(".weight")
-            for part, value in canonical(*arrays).items():
-                yield f"{prefix}.{part}", value
-            continue
-        w = np.ascontiguousarray(arrays[0], dtype=np.float32)
-        yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
+            yield name, source
 
 
 def gguf_file_config(path: str) -> ModelConfig:
@@ -149,5 +195,5 @@ def load_gguf_model(
     model = build_empty(rank_config(config, tp), device, dtype, tp)
     kept = frozenset(kept_quantized(reader) if keep_quantized and tp.size == 1 else ())
     install(model, GGUF_Q4, sorted(kept))
-    weights = shard_weights(iter_gguf_tensors(reader, config, kept), config, tp)
+    weights = shard_weights(gguf_tensors(reader, config, kept), config, tp)
     return finish_loading(model, model.load_weights(weights), path)

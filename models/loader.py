@@ -14,7 +14,7 @@ from safetensors import safe_open
 from models.config import ModelConfig, config_from_hf
 from models.decoder import Decoder
 from models.gguf_loader import gguf_file_config, load_gguf_model
-from models.parallel import TensorParallel, rank_config, shard_weights
+from models.parallel import Span, TensorParallel, rank_config, shard_weights
 from models.quant.formats import (
     FORMAT_NAMES,
     canonical_weights,
@@ -56,11 +56,27 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+class SafetensorsTensor:
+    """One tensor of an open safetensors file (a CheckpointTensor): read whole by get_tensor, or
+    a rank's rows / columns by get_slice, so that only their bytes of the file are read."""
+
+    def __init__(self, file: safe_open, name: str) -> None:
+        self.file, self.name = file, name
+
+    def read(self, rows: Span | None = None, columns: Span | None = None) -> torch.Tensor:
+        if rows is not None:
+            return self.file.get_slice(self.name)[rows[0] : rows[1]]
+        if columns is not None:
+            return self.file.get_slice(self.name)[:, columns[0] : columns[1]]
+        return self.file.get_tensor(self.name)
+
+
+def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, SafetensorsTensor]]:
+    """Every tensor of `files`, unread; each is readable until the iteration leaves its file."""
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield name, f.get_tensor(name)
+                yield name, SafetensorsTensor(f, name)
 
 
 def safetensors_names(files: list[Path]) -> list[str]:
@@ -124,10 +140,9 @@ def _load_folder(
         raise ValueError(f"{fmt.name} checkpoints with tensor parallelism are not supported yet")
     model = build_empty(rank_config(config, tp), device, dtype, tp)
     files = safetensors_files(folder)
-    weights = iter_safetensors(files)
-    if fmt is not None:
+    weights = shard_weights(safetensors_tensors(files), config, tp)
+    if fmt is not None:  # one rank: shard_weights read every tensor whole
         modules = quantized_modules(safetensors_names(files))
         install(model, fmt.spec, sorted({module_path(p) for p in modules}))
         weights = canonical_weights(weights, fmt, modules)
-    weights = shard_weights(weights, config, tp)
     return finish_loading(model, model.load_weights(weights), str(folder))

@@ -23,14 +23,18 @@ def build_empty(
     tp: TensorParallel | None = None,
 ) -> Decoder:
     """Constructs the module tree without initialising weights (they are loaded right after);
-    `config` is the rank's (models/parallel.rank_config) and `tp` gives its layers the sum."""
+    `config` is the rank's (models/parallel.rank_config), and `tp` gives its layers the sum and
+    its embedding and LM head the rank's vocabulary rows (Decoder.shard_vocab)."""
+    tp = tp or TensorParallel()
     with torch.device("meta"):
         model = MODEL_CLASSES.get(config.architecture, Decoder)(config)
+        if tp.size > 1:
+            model.shard_vocab(tp)
     model = model.to(dtype).to_empty(device=device)  # cast while on meta: no double allocation
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_parameters()  # inv_freq stays fp32 whatever the weight dtype
-    if tp is not None and tp.size > 1:
+    if tp.size > 1:
         for layer in model.layers:
             cast(DecoderLayer, layer).reduce = tp.reduce
     if isinstance(model, Qwen2_5_VLModel):

@@ -14,6 +14,7 @@ from actors.execution.kv_pool import KVLimits, KVPool, size_kv_pool
 from actors.execution.pixel_store import PixelStore
 from actors.execution.positions import decode_positions, step_positions
 from actors.execution.prompt_logprobs import score_prompts
+from actors.execution.rank_agreement import smallest_over_ranks
 from actors.execution.sequence import SequenceState
 from devices.base import Platform
 from models.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
@@ -139,7 +140,7 @@ class ModelRunner:
             bytes_per_block=kv_cache_bytes_per_block(config, block_size, torch_dtype),
             block_size=block_size,
             max_position_embeddings=config.max_position_embeddings,
-            free_bytes=platform.memory_free_bytes(device),
+            free_bytes=smallest_over_ranks(platform.memory_free_bytes(device), device),
             host_ram=platform.memory_is_host_ram,
         )
         return cls(

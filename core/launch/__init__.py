@@ -35,7 +35,8 @@ def run(config: EngineConfig) -> int:
     check_model_files(config)
     check_max_model_len(config)
     check_named_files(config)
-    check_port(config)
+    if config.node_rank == 0:  # the other hosts serve no HTTP
+        check_port(config)
     for name, value in MALLOC_ENV.items():
         os.environ.setdefault(name, value)
     owns_run_dir = prepare_run_dir(config)
@@ -49,6 +50,8 @@ def run(config: EngineConfig) -> int:
         tcp_host=config.tcp_host,
         tcp_base_port=config.tcp_base_port,
     )
+    if config.node_rank > 0:
+        return _run_worker(config, wiring.to_dict(), control, owns_run_dir)
     sup = Supervisor(
         config,
         topology(config),
@@ -59,9 +62,7 @@ def run(config: EngineConfig) -> int:
     )
     for flag in config.no_effect_flags:
         sup.log.info("vLLM flag accepted; it has no effect here", flag=flag)
-    signal.signal(signal.SIGTERM, sup.request_stop)
-    signal.signal(signal.SIGINT, sup.request_stop)
-    signal.signal(signal.SIGHUP, sup.request_stop)  # a closed terminal stops cleanly too
+    _handle_signals(sup)
     front_file = os.path.join(config.run_dir, "front")  # where SDK clients find the front door
     code = 0
     try:
@@ -87,6 +88,43 @@ def run(config: EngineConfig) -> int:
         if os.path.exists(front_file):
             os.unlink(front_file)
     return code
+
+
+def _run_worker(
+    config: EngineConfig, wiring: dict[str, object], leader_control: str, owns_run_dir: bool
+) -> int:
+    """A host other than the leader: runs its executors only, relaying their heartbeats to the
+    leader's supervisor, until a signal, a lost executor, or the leader going away."""
+    control = f"ipc://{config.run_dir}/control.sock"
+    sup = Supervisor(
+        config,
+        topology(config),
+        dict(wiring),
+        control,
+        notify_ready=[],
+        owns_run_dir=owns_run_dir,
+        leader_control=leader_control,
+    )
+    _handle_signals(sup)
+    ranks = list(config.local_ranks)
+    code = 0
+    try:
+        sup.start()
+        sup.log.info("worker ready", node=config.node_rank, ranks=ranks, leader=leader_control)
+        print(f"Tessera worker ready: node {config.node_rank}, ranks {ranks}", flush=True)
+        code = sup.watch()
+    except EngineFailed as exc:
+        sup.log.error("engine failed", error=str(exc))
+        code = 1
+    finally:
+        sup.shutdown()
+    return code
+
+
+def _handle_signals(sup: Supervisor) -> None:
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    signal.signal(signal.SIGHUP, sup.request_stop)  # a closed terminal stops cleanly too
 
 
 def main(argv: list[str] | None = None) -> None:

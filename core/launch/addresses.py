@@ -1,6 +1,8 @@
 """The engine's wiring: one ZMQ address per stage mailbox, derived once by the launch code.
 
-ipc:// sockets live in a private 0700 run folder; tcp:// is for stages on other hosts. A request
+ipc:// sockets live in a private 0700 run folder; tcp:// is for stages on other hosts. Every
+launcher of a multi-host engine derives the same table from the same flags (fixed ports from
+--tcp-base-port); only the leader's stages bind, the other hosts' executors connect. A request
 keeps to one replica of every replicated stage (`owner`), so its abort follows the same sockets
 as the request itself and can never overtake it.
 """
@@ -27,7 +29,9 @@ class Addresses:
     scheduler: str  # scheduler PULL: engine requests, aborts
     results: str  # scheduler PULL: step results from executor rank 0
     plans: list[str]  # scheduler PUSH (bound), one per tensor-parallel rank
-    media: list[str]  # executor PULL, one per rank: image pixels from the image stage
+    # image pixels: media[i][r] is image replica i's PUSH (bound) to rank r; rank r's executor
+    # connects to column r, so a rank on another host needs no address of its own
+    media: list[list[str]]
     detokenizers: list[str]  # detokenizer PULL, one per replica; owner(request id) picks
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +61,8 @@ def make_addresses(
     """The engine's addresses, and the supervisor's control address."""
     names = ["front", "gateway", "scheduler", "results", "control"]
     names += [f"tok{i}" for i in range(tokenizers)] + [f"images{i}" for i in range(image_workers)]
-    names += [f"plan{r}" for r in range(tp_size)] + [f"media{r}" for r in range(tp_size)]
+    names += [f"plan{r}" for r in range(tp_size)]
+    names += [f"media{i}_{r}" for i in range(image_workers) for r in range(tp_size)]
     names += [f"detok{i}" for i in range(detokenizers)]
     if transport == "ipc":
         addr = {n: f"ipc://{run_dir}/{n}.sock" for n in names}
@@ -76,7 +81,7 @@ def make_addresses(
         scheduler=addr["scheduler"],
         results=addr["results"],
         plans=[addr[f"plan{r}"] for r in range(tp_size)],
-        media=[addr[f"media{r}"] for r in range(tp_size)],
+        media=[[addr[f"media{i}_{r}"] for r in range(tp_size)] for i in range(image_workers)],
         detokenizers=[addr[f"detok{i}"] for i in range(detokenizers)],
     )
     return wiring, addr["control"]

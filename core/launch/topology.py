@@ -13,11 +13,16 @@ from core.supervisor import StageGroup
 def topology(config: EngineConfig) -> list[StageGroup]:
     """The HTTP adapter first (it binds its port at once and answers 503 while the rest start;
     it is stopped first too), then the executors (their KV pool decides the engine facts), then
-    scheduler and gateway, then the stateless stages."""
+    scheduler and gateway, then the stateless stages. Of a multi-host engine, the leader lists
+    the other hosts' executors as remote (waited for, watched, not run), and the other hosts
+    run their executors only."""
+    local = config.local_ranks
     executors = [
-        ActorSpec(f"executor{r}", "actors.executor:ExecutorActor", index=r)
+        ActorSpec(f"executor{r}", "actors.executor:ExecutorActor", index=r, remote=r not in local)
         for r in range(config.tensor_parallel_size)
     ]
+    if config.node_rank > 0:
+        return [StageGroup([spec for spec in executors if not spec.remote])]
     engine = [
         ActorSpec("scheduler", "actors.scheduler:SchedulerActor"),
         ActorSpec("gateway", "actors.gateway:GatewayActor"),

@@ -106,7 +106,7 @@ async def running(
             scheduler=t.mailbox(addresses.scheduler),
             gateway=t.mailbox(addresses.gateway),
             detokenizer=t.mailbox(addresses.detokenizers[0]),
-            media=t.mailbox(addresses.media[0]),
+            media=t.mailbox(addresses.media[0][0], bind=False),  # the image stage binds it
             images=None if with_images else t.mailbox(addresses.images[0]),
             actors=actors,
         )

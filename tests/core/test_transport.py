@@ -34,9 +34,11 @@ def test_push_pull_delivers_records_in_order(kind: str, tmp_path) -> None:
 
 def test_ipc_addresses_live_in_the_run_dir(tmp_path) -> None:
     a, control = make_addresses("ipc", str(tmp_path), 2, 4, 1, 3)
-    assert len(a.plans) == len(a.media) == 2 and len(a.detokenizers) == 3
-    assert len(a.tokenizers) == 4 and len(a.images) == 1
-    every = [a.front, control, *a.plans, *a.media, *a.detokenizers, *a.tokenizers]
+    assert len(a.plans) == 2 and len(a.detokenizers) == 3
+    assert len(a.tokenizers) == 4 and len(a.images) == 1 and len(a.media) == 1
+    assert len(a.media[0]) == 2  # one pixel socket per image replica and rank
+    media = [m for row in a.media for m in row]
+    every = [a.front, control, *a.plans, *media, *a.detokenizers, *a.tokenizers]
     assert all(x.startswith(f"ipc://{tmp_path}/") for x in every)
     assert len(set(every)) == len(every)
     assert Addresses.from_dict(a.to_dict()) == a

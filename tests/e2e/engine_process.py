@@ -50,7 +50,9 @@ class EngineProcess:
 
     @property
     def front(self) -> str:
-        return f"ipc://{self.run_dir}/front.sock"
+        """The gateway's address, as the engine wrote it (ipc by default, tcp:// with --nnodes)."""
+        written = Path(self.run_dir, "front")
+        return written.read_text() if written.exists() else f"ipc://{self.run_dir}/front.sock"
 
     def start(self, timeout: float = 180.0) -> EngineProcess:
         self.port = self.port or free_port()

@@ -1,8 +1,9 @@
 """Tensor parallelism on CPU (gloo, two executor processes): greedy outputs through the whole
 engine equal transformers' (which TP 1 equals, tests/e2e/test_engine_matches_hf.py) for head
-counts that split evenly, unevenly (3 query heads over 2 ranks, 1 KV head copied to both) and
-with a row-parallel bias, under chunked prefill, prefix caching and preemption, and for image
-requests over HTTP."""
+counts that split evenly, unevenly (3 query heads over 2 ranks, 1 KV head copied to both), with
+tied embeddings over an odd vocabulary (each rank holds its rows of both) and with a
+row-parallel bias, under chunked prefill, prefix caching and preemption, and for image requests
+over HTTP."""
 
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ import pytest
 from tests.e2e import test_vl_engine_matches_hf as vl
 from tests.e2e.engine_process import EngineProcess
 from tests.e2e.test_engine_matches_hf import engine_greedy, hf_greedy, random_prompts
-from tests.fixtures.checkpoints import make_llama_checkpoint, make_qwen2_checkpoint
+from tests.fixtures.checkpoints import QWEN_VOCAB, make_llama_checkpoint, make_qwen2_checkpoint
 from tests.fixtures.vl_checkpoint import make_qwen2_5_vl_checkpoint
 
 TP2 = ["--tensor-parallel-size", "2", "--max-model-len", "96", "--threads", "1"]
 CASES: dict[str, tuple[Callable[..., Path], dict[str, Any]]] = {
     "qwen2-4q-2kv": (make_qwen2_checkpoint, {}),
-    "qwen2-3q-1kv": (
+    "qwen2-3q-1kv-tied-odd-vocab": (  # 75968 / 75969 vocabulary rows, one tensor for both
         make_qwen2_checkpoint,
-        {"num_attention_heads": 3, "num_key_value_heads": 1, "hidden_size": 48},
+        {
+            "num_attention_heads": 3,
+            "num_key_value_heads": 1,
+            "hidden_size": 48,
+            "tie_word_embeddings": True,
+            "vocab_size": QWEN_VOCAB + 1,
+        },
     ),
     "llama-o-proj-bias-mlp-bias": (
         make_llama_checkpoint,
