@@ -61,6 +61,26 @@ class DecodeKernel(Protocol):
     ) -> torch.Tensor: ...
 
 
+class PrefillKernel(Protocol):
+    """A device's attention for many query rows at once (e.g. devices/cpu_prefill_attention.py):
+    q [Tq, H, D], k/v [rows, kvH, D] (any strides but the last) -> [Tq, H, D]. Segment s takes
+    the next q_lens[s] query rows and the next k_lens[s] keys: rows of k/v, or the rows that
+    key_index names. Causal: query i of a segment sees keys j <= i + k_len - q_len. Written
+    into `out` ([Tq, H, D], a view) where given."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_lens: list[int],
+        k_lens: list[int],
+        causal: bool,
+        key_index: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
 class RopeStore(Protocol):
     """A device's fused start of attention (e.g. devices/cpu_fused_ops.py): qkv [T, (H + 2 kvH)
     * D] as qkv_proj gives it -> (q rotated [T, H, D], k rotated [T, kvH, D] if `want_k` else
@@ -190,13 +210,18 @@ class AttentionMetadata:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, meta: AttentionMetadata
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    prefill: PrefillKernel | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, kvH, D] for the new tokens -> output [T, H, D]."""
     k_cache, v_cache = cache
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    return attend_stored(q, k, v, cache, meta)
+    return attend_stored(q, k, v, cache, meta, prefill)
 
 
 def attend_stored(
@@ -205,14 +230,19 @@ def attend_stored(
     v: torch.Tensor,
     cache: KVCache,
     meta: AttentionMetadata,
+    prefill: PrefillKernel | None = None,
 ) -> torch.Tensor:
     """paged_attention once the new keys and values are in the cache (k/v: the new tokens';
-    k may be None in a decode-only step, whose keys are all read from the cache)."""
+    k may be None in a decode-only step, whose keys are all read from the cache). With a
+    device's `prefill` kernel the prefill spans go to it, otherwise to SDPA."""
     k_cache, v_cache = cache
     if meta.decode_rows is not None and not meta.prefills:
         return _decode_attention(q, k_cache, v_cache, meta)  # every row a decode, in order
     out = torch.empty_like(q)
     for span in meta.prefills:
+        if prefill is not None:
+            _prefill_span(prefill, q, k, v, cache, span, out[span.start : span.end])
+            continue
         qs = q[span.start : span.end].transpose(0, 1)[None]  # [1, H, q, D]
         if span.key_slots is None:  # nothing cached: SDPA's fused causal kernel, no mask
             assert k is not None
@@ -236,6 +266,32 @@ def attend_stored(
     if meta.decode_rows is not None:
         out[meta.decode_rows] = _decode_attention(q[meta.decode_rows], k_cache, v_cache, meta)
     return out
+
+
+def _prefill_span(
+    prefill: PrefillKernel,
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor,
+    cache: KVCache,
+    span: PrefillSpan,
+    out: torch.Tensor,
+) -> None:
+    """One span through the device's kernel into `out`: its new keys where nothing is cached,
+    else every key read in place from the cache (viewed [slots, kvH, D]; no gathered copy, no
+    mask)."""
+    qs = q[span.start : span.end]
+    n = span.end - span.start
+    if span.key_slots is None:
+        assert k is not None
+        ks, vs = k[span.start : span.end], v[span.start : span.end]
+        prefill(qs, ks, vs, [n], [n], True, out=out)
+        return
+    k_cache, v_cache = cache
+    keys = [span.key_slots.shape[0]]
+    prefill(
+        qs, k_cache.transpose(0, 1), v_cache.transpose(0, 1), [n], keys, True, span.key_slots, out
+    )
 
 
 def _decode_attention(
@@ -291,6 +347,7 @@ class Attention(nn.Module):
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.rope_store: RopeStore | None = None  # a device's fused one, for decode-only steps
+        self.prefill_kernel: PrefillKernel | None = None  # a device's, for prompts and chunks
 
     def forward(
         self,
@@ -305,7 +362,7 @@ class Attention(nn.Module):
         if self.rope_store is None:
             q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *cos_sin)
             k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *cos_sin)
-            out = paged_attention(q, k, v, cache, meta)
+            out = paged_attention(q, k, v, cache, meta, self.prefill_kernel)
         else:
             decode_only = meta.decode_rows is not None and not meta.prefills
             q, k_rotated = self.rope_store(
@@ -317,5 +374,5 @@ class Attention(nn.Module):
                 self.num_kv_heads,
                 want_k=not decode_only,  # decodes read their keys from the cache only
             )
-            out = attend_stored(q, k_rotated, v, cache, meta)
+            out = attend_stored(q, k_rotated, v, cache, meta, self.prefill_kernel)
         return self.o_proj(out.reshape(-1, self.q_size))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention import PrefillKernel
 from models.config import ModelConfig, VisionConfig
 from models.decoder import Decoder
 from models.layers import RMSNorm
@@ -53,37 +55,51 @@ def window_index(
     return flat[flat != -100], [int(n) for n in lengths if n > 0]
 
 
-Segments = list[torch.Tensor]  # one gather index [n, L] per distinct segment length L
+@dataclass
+class Segments:
+    """Consecutive runs of patches that attend only among themselves (attention windows or
+    frames): their lengths, and for SDPA one gather index [n, L] per distinct length L, so each
+    group is one batched SDPA call with no mask (a mask forces SDPA's slow math path); no index
+    when there is one segment. A device's kernel takes the lengths."""
+
+    lengths: list[int]
+    groups: list[torch.Tensor] | None
 
 
-def segments(lengths: list[int], device: torch.device) -> Segments | None:
-    """Groups consecutive segments (attention windows or frames) by length, so each group is
-    attended to in one batched SDPA call with no mask (a mask forces SDPA's slow math path);
-    None when there is one segment."""
+def segments(lengths: list[int], device: torch.device) -> Segments:
+    lengths = [n for n in lengths if n]
     if len(lengths) == 1:
-        return None
+        return Segments(lengths, None)
     starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0).tolist()
     by_len: dict[int, list[int]] = {}
     for start, n in zip(starts, lengths):
-        if n:
-            by_len.setdefault(n, []).append(start)
-    return [
+        by_len.setdefault(n, []).append(start)
+    groups = [
         (torch.tensor(firsts, device=device)[:, None] + torch.arange(n, device=device)[None, :])
         for n, firsts in by_len.items()
     ]
+    return Segments(lengths, groups)
 
 
 def segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segs: Segments | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segs: Segments,
+    kernel: PrefillKernel | None = None,
 ) -> torch.Tensor:
-    """q/k/v [heads, S, D] -> [heads, S, D], attention only within each segment."""
-    if segs is None:  # 4-D, or SDPA on CPU falls back to its slow math path
-        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+    """q/k/v [S, heads, D] -> [S, heads, D], attention only within each segment: the device's
+    kernel where there is one, else SDPA."""
+    if kernel is not None:
+        return kernel(q, k, v, segs.lengths, segs.lengths, causal=False)
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, S, D]
+    if segs.groups is None:  # 4-D, or SDPA on CPU falls back to its slow math path
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0].transpose(0, 1)
     out = torch.empty_like(q)
-    for index in segs:
+    for index in segs.groups:
         qs, ks, vs = (t[:, index].transpose(0, 1) for t in (q, k, v))  # [n, heads, L, D]
         out[:, index] = F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1)
-    return out
+    return out.transpose(0, 1)
 
 
 class VisionAttention(nn.Module):
@@ -98,15 +114,15 @@ class VisionAttention(nn.Module):
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        segs: Segments | None,
+        segs: Segments,
         kernels: VisionKernels,
+        attention: PrefillKernel | None,
     ) -> torch.Tensor:
         seq = x.shape[0]
         qkv = self.qkv(x).view(seq, 3, self.num_heads, self.head_dim)
         q, k, v = kernels.rotate_qk(qkv, *cos_sin)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, S, D]
-        out = segment_attention(q, k, v, segs)
-        return self.proj(out.transpose(0, 1).reshape(seq, -1))
+        out = segment_attention(q, k, v, segs, attention)
+        return self.proj(out.reshape(seq, -1))
 
 
 class VisionMLP(nn.Module):
@@ -132,11 +148,13 @@ class VisionBlock(nn.Module):
         self,
         x: torch.Tensor,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        segs: Segments | None,
+        segs: Segments,
         kernels: VisionKernels,
+        attention: PrefillKernel | None = None,
     ) -> torch.Tensor:
         norm1, norm2 = self.norm1, self.norm2
-        x = x + self.attn(kernels.rms_norm(x, norm1.weight, norm1.eps), cos_sin, segs, kernels)
+        h = kernels.rms_norm(x, norm1.weight, norm1.eps)
+        x = x + self.attn(h, cos_sin, segs, kernels, attention)
         return x + self.mlp(kernels.rms_norm(x, norm2.weight, norm2.eps), kernels)
 
 
@@ -176,6 +194,7 @@ class VisionTransformer(nn.Module):
         self.merger = PatchMerger(c)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.kernels = VisionKernels.eager(ACTIVATIONS[c.hidden_act])
+        self.attention: PrefillKernel | None = None  # a device's kernel for the segments; SDPA
 
     def use_compiler(self, compile: Compiler) -> None:
         """Runs the blocks' elementwise steps through `compile` (models/vision_kernels.py), and
@@ -237,7 +256,8 @@ class VisionTransformer(nn.Module):
         frames = segments(frame_lengths, device)  # full attention within each frame
         windows = segments(window_lengths, device)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos_sin, frames if i in c.fullatt_block_indexes else windows, self.kernels)
+            segs = frames if i in c.fullatt_block_indexes else windows
+            x = block(x, cos_sin, segs, self.kernels, self.attention)
         merged = self.merger(x)[torch.argsort(torch.cat(orders))]
         return list(merged.split(sizes))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Time the vision tower in-process: one image encoded with the elementwise steps eager and
-compiled (models/vision_kernels.py), the two alternated in one process.
+compiled (models/vision_kernels.py), and compiled with SDPA in place of the platform's attention
+kernel (where it has one), all alternated in one process.
 
     python scripts/bench_vision.py --model DIR --grid 46 46 --reps 5
 """
@@ -47,18 +48,22 @@ def main() -> None:
     model.visual.use_compiler(platform.compile)
     print(f"compiled and warmed in {time.perf_counter() - t0:.1f} s", flush=True)
     compiled = model.visual.kernels
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    attention = model.visual.attention
+    variants = {"eager": (eager, attention), "compiled": (compiled, attention)}
+    if attention is not None:
+        variants["compiled-sdpa"] = (compiled, None)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         model.encode_images([image])
         for _ in range(args.reps):
-            for name, kernels in (("eager", eager), ("compiled", compiled)):
-                model.visual.kernels = kernels
+            for name, (kernels, attn) in variants.items():
+                model.visual.kernels, model.visual.attention = kernels, attn
                 t0 = time.perf_counter()
                 model.encode_images([image])
                 platform.synchronize(runner.device)
                 times[name].append(time.perf_counter() - t0)
     for name, values in times.items():
-        print(f"{name:8s} {h}x{w} patches: median {statistics.median(values) * 1e3:.1f} ms")
+        print(f"{name:13s} {h}x{w} patches: median {statistics.median(values) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from core.cli import parse_args
 from core.config import EngineConfig
@@ -62,32 +63,22 @@ def run(config: EngineConfig) -> int:
     )
     for flag in config.no_effect_flags:
         sup.log.info("vLLM flag accepted; it has no effect here", flag=flag)
-    _handle_signals(sup)
     front_file = os.path.join(config.run_dir, "front")  # where SDK clients find the front door
-    code = 0
-    try:
-        sup.start()
+
+    def announce() -> None:
         with open(front_file, "w") as f:
             f.write(wiring.front)
         scheme = "https" if config.uses_tls else "http"
         where = f"{scheme}://{config.host}:{config.port}/v1"
         where = where if config.http else "(no HTTP)"
-        sup.log.info(
-            "engine ready",
-            model=config.model_names[0],
-            api=where,
-            zmq=wiring.front,
-        )
+        sup.log.info("engine ready", model=config.model_names[0], api=where, zmq=wiring.front)
         print(f"Tessera ready: {where}  zmq={wiring.front}", flush=True)
-        code = sup.watch()
-    except EngineFailed as exc:
-        sup.log.error("engine failed", error=str(exc))
-        code = 1
+
+    try:
+        return _supervise(sup, announce)
     finally:
-        sup.shutdown()
         if os.path.exists(front_file):
             os.unlink(front_file)
-    return code
 
 
 def _run_worker(
@@ -105,20 +96,28 @@ def _run_worker(
         owns_run_dir=owns_run_dir,
         leader_control=leader_control,
     )
-    _handle_signals(sup)
     ranks = list(config.local_ranks)
-    code = 0
-    try:
-        sup.start()
+
+    def announce() -> None:
         sup.log.info("worker ready", node=config.node_rank, ranks=ranks, leader=leader_control)
         print(f"Tessera worker ready: node {config.node_rank}, ranks {ranks}", flush=True)
-        code = sup.watch()
+
+    return _supervise(sup, announce)
+
+
+def _supervise(sup: Supervisor, announce: Callable[[], None]) -> int:
+    """Starts every stage, announces it, and watches them until a signal or a loss; returns the
+    exit code. The stages are stopped whatever happens."""
+    _handle_signals(sup)
+    try:
+        sup.start()
+        announce()
+        return sup.watch()
     except EngineFailed as exc:
         sup.log.error("engine failed", error=str(exc))
-        code = 1
+        return 1
     finally:
         sup.shutdown()
-    return code
 
 
 def _handle_signals(sup: Supervisor) -> None:

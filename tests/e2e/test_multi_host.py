@@ -7,7 +7,6 @@ different engine flags refuse to start."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.engine_process import ROOT, EngineProcess
+from tests.e2e.engine_process import ROOT, EngineProcess, stop_process
 from tests.e2e.test_engine_matches_hf import engine_greedy, hf_greedy, random_prompts
 from tests.fixtures.checkpoints import make_qwen2_checkpoint
 
@@ -72,13 +71,7 @@ class Worker:
         return Path(self.log_path).read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> float:
