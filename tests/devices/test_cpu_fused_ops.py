@@ -28,11 +28,12 @@ def test_kernels_build_here() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 40])  # 40: the rows are split across threads
-def test_rms_norm_matches_the_module(dtype: torch.dtype, rows: int) -> None:
+@pytest.mark.parametrize("hidden", [96, 100, 896])  # 100: a tail past the 16 partial sums
+def test_rms_norm_matches_the_module(dtype: torch.dtype, rows: int, hidden: int) -> None:
     torch.manual_seed(rows)
-    norm = RMSNorm(96, 1e-6).to(dtype)
-    norm.weight.data = torch.randn(96).to(dtype)
-    x, delta = torch.randn(rows, 96).to(dtype), torch.randn(rows, 96).to(dtype)
+    norm = RMSNorm(hidden, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(hidden).to(dtype)
+    x, delta = torch.randn(rows, hidden).to(dtype), torch.randn(rows, hidden).to(dtype)
     with torch.no_grad():
         total, normed = rms_norm(x, norm.weight, norm.eps, delta)
         ref_total, ref_normed = norm.add_norm(x, delta)
@@ -49,9 +50,12 @@ def test_rms_norm_matches_the_module(dtype: torch.dtype, rows: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 5, 20])
-def test_rope_store_matches_rotary_and_cache_writes(dtype: torch.dtype, tokens: int) -> None:
+@pytest.mark.parametrize("dim", [16, 64])
+def test_rope_store_matches_rotary_and_cache_writes(
+    dtype: torch.dtype, tokens: int, dim: int
+) -> None:
     torch.manual_seed(tokens)
-    heads, kv_heads, dim, cache_slots = 6, 2, 16, 64
+    heads, kv_heads, cache_slots = 6, 2, 64
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
     angles = torch.randn(tokens, dim // 2) * 3
     emb = torch.cat((angles, angles), dim=-1)
