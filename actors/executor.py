@@ -34,6 +34,7 @@ class ExecutorActor(Stage):
         platform = get_platform(c.device)
         tp_size = c.tensor_parallel_size
         local_ranks = c.local_ranks  # this host's ranks: they share its cores and devices
+        device_index = self.index - local_ranks.start
         cores = max(1, usable_cores() // len(local_ranks))
         platform.set_threads(c.threads or cores)
         self.platform = platform
@@ -46,7 +47,7 @@ class ExecutorActor(Stage):
         else:
             rendezvous = os.path.join(c.run_dir, "tensor-parallel")
         tp = join_group(platform, self.index, tp_size, rendezvous)
-        check_same_flags(c, platform.torch_device(self.index - local_ranks.start))
+        check_same_flags(c, platform.torch_device(device_index))
         torch.manual_seed(c.seed)  # every rank draws the same unseeded samples
         t0 = time.monotonic()
         # Loaded on the loop (main) thread too: weights packed from a worker thread made decode
@@ -54,7 +55,7 @@ class ExecutorActor(Stage):
         self.runner = ModelRunner.load(
             c.model,
             platform,
-            rank=self.index - local_ranks.start,  # the device index on this host
+            rank=device_index,  # the device on this host
             dtype=c.dtype,
             block_size=c.block_size,
             limits=KVLimits(

@@ -59,21 +59,21 @@ class Transport:
         self._sockets.append(sock)
         return sock
 
-    def mailbox(self, address: str | list[str], bind: bool = True) -> Mailbox:
-        """A PULL socket; given several addresses it connects to all and takes from each fairly."""
+    def _joined(self, kind: int, address: str | list[str], bind: bool) -> zmq.asyncio.Socket:
+        """A socket on `address`; given several, it is on the first and connects to the rest."""
         addresses = [address] if isinstance(address, str) else address
-        sock = self._socket(zmq.PULL, addresses[0], bind)
+        sock = self._socket(kind, addresses[0], bind)
         for extra in addresses[1:]:
             sock.connect(extra)
-        return Mailbox(sock)
+        return sock
+
+    def mailbox(self, address: str | list[str], bind: bool = True) -> Mailbox:
+        """A PULL socket; given several addresses it connects to all and takes from each fairly."""
+        return Mailbox(self._joined(zmq.PULL, address, bind))
 
     def outbox(self, address: str | list[str], bind: bool = False) -> Outbox:
         """A PUSH socket; given several addresses it connects to all and round-robins."""
-        addresses = [address] if isinstance(address, str) else address
-        sock = self._socket(zmq.PUSH, addresses[0], bind)
-        for extra in addresses[1:]:
-            sock.connect(extra)
-        return Outbox(sock)
+        return Outbox(self._joined(zmq.PUSH, address, bind))
 
     def front_door(self, address: str) -> FrontDoor:
         sock = self._socket(zmq.ROUTER, address, bind=True)
